@@ -1,0 +1,342 @@
+"""The Python API: one function per verb. The CLI and YAML recipes call these and nothing else.
+
+``combine`` is the orchestrator: load -> validate -> (score vs instruction -> layer
+weights) -> combine factored or per module -> write atomically with a report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import __version__
+from .adapter import (
+    Adapter,
+    load_adapter,
+    output_config,
+    save_adapter_files,
+    write_atomically,
+)
+from .combine import Combination, RankPolicy
+from .combine import combine as combine_modules
+from .errors import LataError
+from .layers import block_index
+from .lowrank import norm
+from .methods import METHODS
+from .scoring import score_layers
+from .validate import check_compatible, check_output
+from .weighting import SCHEMES, LayerWeighting, layer_weights
+
+__all__ = ["CombineResult", "InspectResult", "combine", "inspect"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METHOD_NAMES = ("lata", *METHODS)
+
+
+class Progress(Protocol):
+    """What the API reports progress to (the CLI passes a rich progress bar)."""
+
+    def start(self, total: int, description: str) -> None: ...
+
+    def advance(self) -> None: ...
+
+
+@dataclass
+class CombineResult:
+    """What ``combine`` did: the modules, the per-layer LATA weights, and the report written."""
+
+    out: Path | None
+    combination: Combination
+    layer_weights: dict[str, list[dict[str, Any]]]
+    report: dict[str, Any]
+    seconds: float
+
+
+@dataclass
+class InspectResult:
+    """Per adapter: its modules (rank, norm) and its layers (norm, cosine, weights)."""
+
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.adapters
+
+
+def _labels(adapters: Sequence[Adapter]) -> list[str]:
+    labels: list[str] = []
+    for adapter in adapters:
+        label = adapter.name
+        while label in labels:
+            label = f"{label}#{len(labels)}"
+        labels.append(label)
+    return labels
+
+
+def _per_input(values: Sequence[float] | None, count: int, flag: str) -> list[float]:
+    if values is None or len(values) == 0:
+        return [1.0] * count
+    if len(values) == 1 and count > 1:
+        return [float(values[0])] * count
+    if len(values) != count:
+        raise LataError(f"{flag}: got {len(values)} values for {count} adapters")
+    return [float(v) for v in values]
+
+
+def _layer_table(
+    task: Adapter, instruction: Adapter, weighting: LayerWeighting, granularity: str, layer_regex: str | None
+) -> list[dict[str, Any]]:
+    scores = score_layers(task, instruction, granularity, layer_regex)
+    chosen = layer_weights([s.cosine for s in scores], weighting)
+    every = {
+        name: layer_weights([s.cosine for s in scores], LayerWeighting(
+            name, weighting.low, weighting.high, weighting.threshold, weighting.normalize))
+        for name in SCHEMES
+    }
+    return [
+        {**s.to_dict(), "weight": chosen[i], "weights": {name: every[name][i] for name in SCHEMES}}
+        for i, s in enumerate(scores)
+    ]
+
+
+def _load_all(sources: Sequence[str | Path], allow_pickle: bool) -> list[Adapter]:
+    return [load_adapter(source, allow_pickle=allow_pickle) for source in sources]
+
+
+def combine(
+    adapters: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    forget: Sequence[str | Path] = (),
+    method: str = "ta",
+    weights: Sequence[float] | None = None,
+    forget_weights: Sequence[float] | None = None,
+    lam: float = 1.0,
+    rank: str | int = "exact",
+    instruction: str | Path | None = None,
+    lata: bool = False,
+    scheme: str = "linear",
+    threshold: float = 0.95,
+    low: float = 0.0,
+    high: float = 1.0,
+    normalize: bool = False,
+    granularity: str = "block",
+    density: float = 0.5,
+    seed: int = 0,
+    sign_method: str = "total",
+    dtype: str | None = None,
+    layer_regex: str | None = None,
+    strict: bool = False,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> CombineResult:
+    """Combine LoRA adapters into one PEFT adapter written to ``out``.
+
+    ``delta_m = lam * (sum_t w_t * l_{t,m} * dW_{t,m} - sum_j f_j * l_{j,m} * dW_{j,m})``
+    where ``l`` is 1, or LATA's layer weight of the block of module ``m`` (``method="lata"``
+    or ``lata=True`` with a baseline; needs ``instruction``).
+
+    Args:
+        adapters: task adapters (folders or hub ids) to add.
+        out: output adapter folder (``None`` only with ``dry_run``).
+        forget: adapters to subtract (task forgetting).
+        method: ``lata``, ``ta``, ``ties``, ``dare``, ``dare_ties`` or ``magnitude``.
+        weights / forget_weights: one per adapter (or one for all); default 1.0.
+        lam: global scale lambda.
+        rank: ``exact``, a rank K, or ``energy:F``.
+        instruction: the instruction adapter LATA scores layers against.
+        lata: apply LATA layer weights with a baseline method.
+        scheme / threshold / low / high / normalize: LATA weighting (see ``weighting``).
+        granularity: score per ``block`` or per ``module``.
+        density / seed / sign_method: TIES / DARE / magnitude options.
+        dtype: output dtype (default: the inputs').
+        layer_regex: regex with one group giving the block index, for unknown architectures.
+        strict: refuse adapters whose ``base_model_name_or_path`` differ.
+        allow_pickle: read ``adapter_model.bin`` with ``weights_only=True``.
+        overwrite: replace an existing ``out``.
+        dry_run: compute and report, write nothing.
+    """
+    started = time.perf_counter()
+    if method not in METHOD_NAMES:
+        raise LataError(f"--method {method!r}: expected one of {', '.join(METHOD_NAMES)}")
+    use_lata = method == "lata" or lata
+    merge = METHODS["ta" if method == "lata" else method]
+    weighting = LayerWeighting(scheme, low, high, threshold, normalize)
+    policy = RankPolicy.parse(rank)
+    if granularity not in ("block", "module"):
+        raise LataError(f"--granularity {granularity!r}: expected 'block' or 'module'")
+    if not 0.0 < density <= 1.0:
+        raise LataError(f"--density {density}: expected 0 < density <= 1")
+    if dtype is not None and dtype not in DTYPES:
+        raise LataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if use_lata and instruction is None:
+        raise LataError("LATA needs an instruction adapter: pass --instruction I")
+    if out is None and not dry_run:
+        raise LataError("no output folder: pass -o OUT (or --dry-run)")
+    if not adapters and not forget:
+        raise LataError("no adapters given")
+    sources = [*adapters, *forget]
+    local_inputs = [Path(s) for s in [*sources, *([instruction] if instruction else [])] if Path(s).exists()]
+    target = check_output(Path(out), local_inputs, overwrite) if out is not None else None
+
+    tasks = _load_all(sources, allow_pickle)
+    instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
+    check_compatible([*tasks, *([instruction_adapter] if instruction_adapter else [])], strict=strict)
+    signs = [1.0] * len(adapters) + [-1.0] * len(forget)
+    scales = _per_input(weights, len(adapters), "--weight") + _per_input(forget_weights, len(forget), "--forget-weight")
+    labels = _labels(tasks)
+
+    tables: dict[str, list[dict[str, Any]]] = {}
+    unit_weights: list[dict[tuple[int | None, str | None], float]] = []
+    for label, task in zip(labels, tasks, strict=True):
+        if use_lata and instruction_adapter is not None:
+            table = _layer_table(task, instruction_adapter, weighting, granularity, layer_regex)
+            tables[label] = table
+            unit_weights.append({(row["layer"], row["module"]): row["weight"] for row in table})
+        else:
+            unit_weights.append({})
+
+    def coefficient(index: int, module: str) -> float:
+        layer_weight = 1.0
+        if use_lata:
+            unit = (block_index(module, layer_regex), module if granularity == "module" else None)
+            layer_weight = unit_weights[index].get(unit, 1.0)
+        return lam * signs[index] * scales[index] * layer_weight
+
+    names = {name for task in tasks for name in task.modules}
+    if progress is not None:
+        progress.start(len(names), f"combining ({method})")
+    combination = combine_modules(
+        tasks, coefficient, merge, policy, density=density, seed=seed, sign_method=sign_method,
+        layer_regex=layer_regex, on_module=(lambda _: progress.advance()) if progress is not None else None,
+    )
+    out_dtype = DTYPES[dtype] if dtype else _common_dtype(tasks)
+    seconds = time.perf_counter() - started
+    report = _report(
+        tasks, labels, signs, scales, instruction_adapter, combination, tables, seconds,
+        options={
+            "method": method, "lata": use_lata, "lambda": lam, "rank": str(policy),
+            "scheme": scheme if use_lata else None, "threshold": threshold, "low": low, "high": high,
+            "normalize": normalize, "granularity": granularity, "density": density, "seed": seed,
+            "sign_method": sign_method, "dtype": str(out_dtype).removeprefix("torch."),
+        },
+    )
+    if target is not None and not dry_run:
+        config = output_config(tasks, combination.modules)
+        write_atomically(
+            target,
+            lambda folder: save_adapter_files(folder, combination.modules, config, out_dtype, report),
+            overwrite=overwrite,
+        )
+    return CombineResult(None if dry_run else target, combination, tables, report, seconds)
+
+
+def _common_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
+    dtypes = {a.dtype for a in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _report(
+    tasks: Sequence[Adapter],
+    labels: Sequence[str],
+    signs: Sequence[float],
+    scales: Sequence[float],
+    instruction: Adapter | None,
+    combination: Combination,
+    tables: dict[str, list[dict[str, Any]]],
+    seconds: float,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """``lata_report.json``: provenance (paths, sha256), options, layer weights, per-module errors."""
+    inputs = [
+        {
+            "label": label,
+            "path": str(task.path.resolve()),
+            "role": "task" if sign > 0 else "forget",
+            "weight": scale,
+            "base_model": task.base_model,
+            "sha256": task.sha256,
+        }
+        for label, task, sign, scale in zip(labels, tasks, signs, scales, strict=True)
+    ]
+    if instruction is not None:
+        inputs.append({
+            "label": instruction.name, "path": str(instruction.path.resolve()), "role": "instruction",
+            "weight": None, "base_model": instruction.base_model, "sha256": instruction.sha256,
+        })
+    ranks = [r.rank for r in combination.reports]
+    parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
+    return {
+        "lata_peft_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **options,
+        "inputs": inputs,
+        "layer_weights": tables,
+        "summary": {
+            "modules": len(combination.modules),
+            "parameters": parameters,
+            "min_rank": min(ranks),
+            "max_rank": max(ranks),
+            "max_error": max(r.error for r in combination.reports),
+            "max_relative_error": combination.max_relative_error,
+            "seconds": round(seconds, 3),
+        },
+        "modules": [r.to_dict() for r in combination.reports],
+    }
+
+
+def inspect(
+    adapters: Sequence[str | Path],
+    *,
+    instruction: str | Path | None = None,
+    scheme: str = "linear",
+    threshold: float = 0.95,
+    low: float = 0.0,
+    high: float = 1.0,
+    normalize: bool = False,
+    granularity: str = "block",
+    layer_regex: str | None = None,
+    allow_pickle: bool = False,
+    plot: str | Path | None = None,
+) -> InspectResult:
+    """Per adapter and layer: norm, and with ``instruction`` the cosine and each scheme's weight.
+
+    Per module: rank, scale and Frobenius norm (computed factored). ``plot`` writes a PNG.
+    """
+    weighting = LayerWeighting(scheme, low, high, threshold, normalize)
+    tasks = _load_all(adapters, allow_pickle)
+    instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
+    check_compatible([*tasks, *([instruction_adapter] if instruction_adapter else [])])
+    result = InspectResult()
+    for label, task in zip(_labels(tasks), tasks, strict=True):
+        modules = [
+            {"module": name, "layer": block_index(name, layer_regex), "rank": m.delta.rank,
+             "scale": m.delta.scale, "norm": norm(m.delta)}
+            for name, m in task.modules.items()
+        ]
+        if instruction_adapter is not None:
+            layers = _layer_table(task, instruction_adapter, weighting, granularity, layer_regex)
+        else:
+            per_layer: dict[int | None, float] = {}
+            for row in modules:
+                per_layer[row["layer"]] = per_layer.get(row["layer"], 0.0) + row["norm"] ** 2
+            layers = [
+                {"layer": layer, "module": None, "norm": total ** 0.5, "instruction_norm": None,
+                 "cosine": None, "weight": None, "weights": {}}
+                for layer, total in sorted(per_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                if layer is not None
+            ]
+        result.adapters[label] = {"path": str(task.path), "base_model": task.base_model, "layers": layers,
+                                  "modules": modules}
+    if plot is not None:
+        from .plot import plot_layers
+
+        plot_layers(result, Path(plot), scheme=scheme)
+    return result

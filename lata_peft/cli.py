@@ -1,0 +1,227 @@
+"""``lata-peft``: typer commands that call the API and render its results. No maths here.
+
+Every flag has the name of an API argument (and recipe key). A :class:`LataError`
+becomes one ``error:`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import api
+from .errors import LataError
+from .recipe import run_recipe
+
+app = typer.Typer(
+    help="Combine LoRA adapters with Layer-Aware Task Arithmetic (LATA), TA, TIES, DARE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
+
+
+class RichProgress:
+    """Adapts a rich progress bar (on stderr) to :class:`lata_peft.api.Progress`."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err_console, transient=True, disable=not enabled,
+        )
+        self.task: Any = None
+
+    def start(self, total: int, description: str) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self) -> None:
+        self.bar.advance(self.task)
+
+
+def _guarded(call: Callable[[], T]) -> T:
+    """Run ``call``; a LataError is one line on stderr and exit 2, warnings are one line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = call()
+        except LataError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        finally:
+            for warning in caught:
+                if issubclass(warning.category, UserWarning) and "lata" in str(warning.filename):
+                    err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+    return result
+
+
+def _print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
+def _summary_table(result: api.CombineResult) -> None:
+    report = result.report
+    summary = report["summary"]
+    table = Table(title="lata-peft combine", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for entry in report["inputs"]:
+        weight = "" if entry["weight"] is None else f" x {entry['weight']:g}"
+        table.add_row(entry["role"], f"{entry['label']}{weight}  [dim]{entry['path']}[/]")
+    table.add_row("method", f"{report['method']}" + (f" + LATA {report['scheme']}" if report["lata"] else "")
+                  + f", lambda {report['lambda']:g}, rank {report['rank']}")
+    table.add_row("modules", str(summary["modules"]))
+    table.add_row("output rank", f"{summary['min_rank']}–{summary['max_rank']}")
+    table.add_row("parameters", f"{summary['parameters']:,}")
+    table.add_row("max truncation error", f"{summary['max_error']:.3g} (relative {summary['max_relative_error']:.3g})")
+    table.add_row("time", f"{summary['seconds']:.2f} s")
+    table.add_row("written to", str(result.out) if result.out else "[yellow]nothing (dry run)[/]")
+    out_console.print(table)
+    if result.layer_weights:
+        _layer_weights_table(result.layer_weights)
+
+
+def _layer_weights_table(tables: dict[str, list[dict[str, Any]]]) -> None:
+    table = Table(title="LATA per-layer cosine / weight", title_justify="left")
+    table.add_column("layer", justify="right")
+    for label in tables:
+        table.add_column(f"{label}\ncos", justify="right")
+        table.add_column("weight", justify="right")
+    rows = {(r["layer"], r["module"]) for t in tables.values() for r in t}
+    for unit in sorted(rows, key=lambda u: (u[0] or 0, u[1] or "")):
+        cells = [str(unit[0]) if unit[1] is None else unit[1]]
+        for table_rows in tables.values():
+            row = next((r for r in table_rows if (r["layer"], r["module"]) == unit), None)
+            cells += ["", ""] if row is None else [f"{row['cosine']:+.3f}", f"{row['weight']:.2f}"]
+        table.add_row(*cells)
+    out_console.print(table)
+
+
+Strings = Annotated[list[str] | None, typer.Option()]
+
+
+@app.command()
+def combine(
+    adapters: Annotated[list[str], typer.Argument(help="Task adapters to add (folders or hub ids).")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output adapter folder.")] = None,
+    forget: Annotated[list[str] | None, typer.Option("--forget", help="Adapter to subtract (repeatable).")] = None,
+    method: Annotated[str, typer.Option(help="lata | ta | ties | dare | dare_ties | magnitude")] = "ta",
+    weight: Annotated[list[float] | None, typer.Option("--weight", help="Weight per task adapter.")] = None,
+    forget_weight: Annotated[list[float] | None, typer.Option("--forget-weight", help="Weight per forgotten adapter.")]
+    = None,
+    lam: Annotated[float, typer.Option("--lambda", help="Global scale lambda.")] = 1.0,
+    rank: Annotated[str, typer.Option(help="exact | K | energy:F")] = "exact",
+    instruction: Annotated[str | None, typer.Option(help="Instruction adapter (LATA scores layers against it).")]
+    = None,
+    lata: Annotated[bool, typer.Option(help="Apply LATA layer weights with a baseline method.")] = False,
+    scheme: Annotated[str, typer.Option(help="LATA scheme: linear | log | threshold")] = "linear",
+    threshold: Annotated[float, typer.Option(help="Drop-with-Threshold: keep layers with cosine < T.")] = 0.95,
+    low: Annotated[float, typer.Option(help="LATA weight of the most instruction-like layer.")] = 0.0,
+    high: Annotated[float, typer.Option(help="LATA weight of the most task-specific layer.")] = 1.0,
+    normalize: Annotated[bool, typer.Option(help="Rescale LATA weights to mean 1.")] = False,
+    granularity: Annotated[str, typer.Option(help="Score per block or per module.")] = "block",
+    density: Annotated[float, typer.Option(help="TIES/DARE/magnitude: fraction of entries kept.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="DARE seed.")] = 0,
+    sign_method: Annotated[str, typer.Option(help="TIES sign election: total | frequency")] = "total",
+    dtype: Annotated[str | None, typer.Option(help="Output dtype: float32 | bfloat16 | float16")] = None,
+    layer_regex: Annotated[str | None, typer.Option(help="Regex with one group: the block index.")] = None,
+    strict: Annotated[bool, typer.Option(help="Refuse adapters of different base models.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Read pickled .bin weights (weights_only=True).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Compute and report; write nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Combine adapters: lambda * (sum_i w_i dW_i - sum_j f_j dW_j), optionally LATA-weighted per layer."""
+    progress = RichProgress(enabled=not as_json)
+    with progress.bar:
+        result = _guarded(lambda: api.combine(
+            adapters, out, forget=forget or (), method=method, weights=weight, forget_weights=forget_weight,
+            lam=lam, rank=rank, instruction=instruction, lata=lata, scheme=scheme, threshold=threshold, low=low,
+            high=high, normalize=normalize, granularity=granularity, density=density, seed=seed,
+            sign_method=sign_method, dtype=dtype, layer_regex=layer_regex, strict=strict,
+            allow_pickle=allow_pickle, overwrite=overwrite, dry_run=dry_run, progress=progress,
+        ))
+    if as_json:
+        _print_json({**result.report, "out": str(result.out) if result.out else None})
+    else:
+        _summary_table(result)
+
+
+@app.command()
+def inspect(
+    adapters: Annotated[list[str], typer.Argument(help="Adapters to inspect.")],
+    instruction: Annotated[str | None, typer.Option(help="Instruction adapter to score layers against.")] = None,
+    scheme: Annotated[str, typer.Option(help="LATA scheme for the weight column.")] = "linear",
+    threshold: Annotated[float, typer.Option(help="Drop-with-Threshold threshold.")] = 0.95,
+    normalize: Annotated[bool, typer.Option(help="Rescale LATA weights to mean 1.")] = False,
+    granularity: Annotated[str, typer.Option(help="Score per block or per module.")] = "block",
+    layer_regex: Annotated[str | None, typer.Option(help="Regex with one group: the block index.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Read pickled .bin weights (weights_only=True).")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a per-layer PNG figure here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Per layer: norm, cosine with the instruction adapter, and the LATA weight of each scheme."""
+    result = _guarded(lambda: api.inspect(
+        adapters, instruction=instruction, scheme=scheme, threshold=threshold, normalize=normalize,
+        granularity=granularity, layer_regex=layer_regex, allow_pickle=allow_pickle, plot=plot,
+    ))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for label, adapter in result.adapters.items():
+        ranks = sorted({m["rank"] for m in adapter["modules"]})
+        table = Table(title=f"{label}: {len(adapter['modules'])} modules, rank {'/'.join(map(str, ranks))}",
+                      title_justify="left")
+        table.add_column("layer", justify="right")
+        table.add_column("norm", justify="right")
+        if instruction:
+            table.add_column("cosine", justify="right")
+            for name in ("linear", "log", "threshold"):
+                table.add_column(name, justify="right")
+        for row in adapter["layers"]:
+            cells = [str(row["layer"]) if row["module"] is None else row["module"], f"{row['norm']:.4f}"]
+            if instruction:
+                cells += [f"{row['cosine']:+.3f}"] + [f"{row['weights'][n]:.2f}" for n in ("linear", "log", "threshold")]
+            table.add_row(*cells)
+        out_console.print(table)
+    if plot is not None:
+        out_console.print(f"plot written to {plot}")
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (one API call).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Compute and report; write nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run a YAML recipe: its single key is the verb, its mapping the arguments."""
+    from .recipe import load_recipe
+
+    verb, _ = _guarded(lambda: load_recipe(recipe))
+    overrides: dict[str, Any] = {}
+    if verb == "combine":
+        overrides = {"overwrite": overwrite, "dry_run": dry_run} if (overwrite or dry_run) else {}
+    result = _guarded(lambda: run_recipe(recipe, **overrides))
+    if isinstance(result, api.CombineResult):
+        if as_json:
+            _print_json({**result.report, "out": str(result.out) if result.out else None})
+        else:
+            _summary_table(result)
+    else:
+        _print_json(result.to_dict())
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,151 @@
+"""Coefficients x deltas -> one factored adapter, under a rank policy, with an error report.
+
+Per module ``m``: ``dW_m = sum_t c_{t,m} dW_{t,m}`` where the API computes the
+coefficients (``lambda * w_t``, negated for forgotten adapters, times LATA's layer weight).
+Task arithmetic stays factored (exact concatenation, optionally truncated with its
+exact error); element-wise methods form the dense deltas of this module only, merge,
+and factor back (truncated SVD) with the error reported.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .adapter import Adapter, LoraModule
+from .errors import LataError
+from .layers import block_index
+from .lowrank import LowRank, factorize, truncate, weighted_sum
+from .methods import Method, module_generator
+
+__all__ = ["Combination", "ModuleReport", "RankPolicy", "combine"]
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """``exact`` (no loss: rank = sum of input ranks), ``K`` (at most K), ``energy:F`` (keep F of sum S^2).
+
+    For element-wise methods ``exact`` keeps rank ``sum r_t`` and reports the error of that truncation.
+    """
+
+    mode: str = "exact"
+    rank: int | None = None
+    energy: float | None = None
+
+    @classmethod
+    def parse(cls, text: str | int) -> RankPolicy:
+        text = str(text).strip().lower()
+        if text == "exact":
+            return cls()
+        if text.isdigit() and int(text) > 0:
+            return cls("fixed", rank=int(text))
+        match = re.fullmatch(r"energy:(0?\.\d+|1(?:\.0*)?)", text)
+        if match and 0.0 < float(match[1]) <= 1.0:
+            return cls("energy", energy=float(match[1]))
+        raise LataError(f"--rank {text!r}: expected 'exact', a positive integer, or 'energy:F' with 0 < F <= 1")
+
+    def __str__(self) -> str:
+        return {"exact": "exact", "fixed": str(self.rank), "energy": f"energy:{self.energy}"}[self.mode]
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What happened to one module: ranks in and out, and the exact truncation error."""
+
+    module: str
+    block: int | None
+    input_ranks: list[int]
+    coefficients: list[float]
+    rank: int
+    error: float
+    relative_error: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Combination:
+    modules: dict[str, LoraModule]
+    reports: list[ModuleReport]
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((r.relative_error for r in self.reports), default=0.0)
+
+
+def _combine_factored(terms: list[tuple[float, LowRank]], policy: RankPolicy) -> tuple[LowRank, float, float]:
+    exact = weighted_sum(terms)
+    if policy.mode == "exact":
+        return exact, 0.0, 0.0
+    result = truncate(exact, rank=policy.rank, energy=policy.energy)
+    total = float(result.singular_values.double().square().sum().sqrt())
+    return result.delta, result.error, result.error / total if total else 0.0
+
+
+def _combine_dense(
+    terms: list[tuple[float, LowRank]], method: Method, policy: RankPolicy, density: float, seed: int, name: str,
+    sign_method: str,
+) -> tuple[LowRank, float, float]:
+    signs = torch.tensor([1.0 if c >= 0 else -1.0 for c, _ in terms])
+    deltas = torch.stack([sign * delta.dense() for sign, (_, delta) in zip(signs, terms, strict=True)])  # (k, out, in)
+    weights = torch.tensor([abs(c) for c, _ in terms], dtype=torch.float32)
+    merged = method.dense(deltas, weights, density, module_generator(seed, name), sign_method)  # (out, in)
+    del deltas
+    rank = sum(delta.rank for _, delta in terms) if policy.mode == "exact" else policy.rank
+    result = factorize(merged, rank=rank, energy=policy.energy)
+    total = float(merged.double().norm())
+    return result.delta, result.error, result.error / total if total else 0.0
+
+
+def combine(
+    adapters: Sequence[Adapter],
+    coefficient: Callable[[int, str], float],
+    method: Method,
+    policy: RankPolicy = RankPolicy(),
+    density: float = 0.5,
+    seed: int = 0,
+    sign_method: str = "total",
+    layer_regex: str | None = None,
+    on_module: Callable[[str], None] | None = None,
+) -> Combination:
+    """Combine every module adapted by any input into one factored module.
+
+    ``coefficient(t, module)`` is the signed weight of adapter ``t`` on ``module``; terms
+    with weight 0 are skipped, and a module whose terms are all 0 is not written.
+    """
+    names = sorted({name for adapter in adapters for name in adapter.modules})
+    modules: dict[str, LoraModule] = {}
+    reports: list[ModuleReport] = []
+    for name in names:
+        terms = []
+        for index, adapter in enumerate(adapters):
+            if name in adapter.modules and (c := coefficient(index, name)) != 0.0:
+                terms.append((c, adapter.modules[name].delta))
+        if terms:
+            if method.factored:
+                delta, error, relative = _combine_factored(terms, policy)
+            else:
+                delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
+            template = next(a.modules[name] for a in adapters if name in a.modules)
+            modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape)
+            reports.append(
+                ModuleReport(
+                    module=name,
+                    block=block_index(name, layer_regex),
+                    input_ranks=[d.rank for _, d in terms],
+                    coefficients=[c for c, _ in terms],
+                    rank=delta.rank,
+                    error=error,
+                    relative_error=relative,
+                )
+            )
+        if on_module is not None:
+            on_module(name)
+    if not modules:
+        raise LataError("every coefficient is zero: nothing to write")
+    return Combination(modules, reports)
+

@@ -1,0 +1,186 @@
+"""Factored linear algebra on low-rank deltas ``dW = scale * B @ A``.
+
+Everything here is exact and costs O((out + in) r^2), never O(out * in * r):
+the dense ``B @ A`` is only formed by :meth:`LowRank.dense`, which tests and the
+element-wise methods (TIES, DARE, magnitude) use one module at a time.
+Maths: ``docs/MATHS.md`` and DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "LowRank",
+    "Truncation",
+    "cosine",
+    "factorize",
+    "inner",
+    "norm",
+    "rank_for_energy",
+    "truncate",
+    "weighted_sum",
+]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A delta ``scale * B @ A`` kept factored. ``B``: (out, r), ``A``: (r, in)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(f"bad factor shapes B{tuple(self.B.shape)} A{tuple(self.A.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    def float(self) -> LowRank:
+        """Same delta with fp32 factors (fp64 stays fp64)."""
+        dtype = torch.float64 if self.B.dtype == torch.float64 else torch.float32
+        return LowRank(self.B.to(dtype), self.A.to(dtype), self.scale)
+
+    def scaled(self, coefficient: float) -> LowRank:
+        return LowRank(self.B, self.A, self.scale * coefficient)
+
+    def balanced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors with the scale folded in: ``(scale * B, A)`` in fp32."""
+        f = self.float()
+        return f.B * f.scale, f.A
+
+    def dense(self) -> torch.Tensor:
+        """The dense (out, in) matrix. Only for one module at a time."""
+        f = self.float()
+        return f.scale * (f.B @ f.A)
+
+
+def inner(x: LowRank, y: LowRank) -> float:
+    """Frobenius inner product ``<sx Bx Ax, sy By Ay> = sx sy trace((By^T Bx)(Ax Ay^T))``.
+
+    Both products are (r_y, r_x) / (r_x, r_y) matrices, so the cost is O((out + in) r_x r_y).
+    """
+    x64, y64 = _f64(x), _f64(y)
+    left = y64.B.T @ x64.B  # (r_y, r_x)
+    right = x64.A @ y64.A.T  # (r_x, r_y)
+    return float(x.scale * y.scale * torch.sum(left * right.T))
+
+
+def norm(x: LowRank) -> float:
+    """Frobenius norm ``|sBA|_F = sqrt(<sBA, sBA>)``, computed on the factors."""
+    return max(inner(x, x), 0.0) ** 0.5
+
+
+def cosine(x: LowRank | Sequence[LowRank], y: LowRank | Sequence[LowRank]) -> float:
+    """Cosine ``<x, y> / (|x| |y|)``; sequences are modules of one layer flattened together.
+
+    With sequences, ``<x, y> = sum_m <x_m, y_m>`` over paired modules of one layer.
+    Returns 0.0 when either side is zero.
+    """
+    xs = [x] if isinstance(x, LowRank) else list(x)
+    ys = [y] if isinstance(y, LowRank) else list(y)
+    dot = sum(inner(a, b) for a, b in zip(xs, ys, strict=True))
+    nx = sum(inner(a, a) for a in xs) ** 0.5
+    ny = sum(inner(b, b) for b in ys) ** 0.5
+    return 0.0 if nx == 0.0 or ny == 0.0 else dot / (nx * ny)
+
+
+def weighted_sum(terms: Sequence[tuple[float, LowRank]]) -> LowRank:
+    """Exact ``sum_i c_i s_i B_i A_i = [c_1 s_1 B_1 | ... | c_k s_k B_k] @ [A_1; ...; A_k]``.
+
+    The rank is ``sum_i r_i``; mixed ranks are fine (PEFT's ``cat`` without its limits).
+    """
+    if not terms:
+        raise ValueError("weighted_sum of no terms")
+    shapes = {t.shape for _, t in terms}
+    if len(shapes) != 1:
+        raise ValueError(f"weighted_sum of deltas with different shapes: {sorted(shapes)}")
+    Bs, As = [], []
+    for coefficient, term in terms:
+        B, A = term.balanced()
+        Bs.append(B * coefficient)
+        As.append(A)
+    return LowRank(torch.cat(Bs, dim=1), torch.cat(As, dim=0), 1.0)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Result of :func:`truncate`: the rank-k delta, its exact error and all singular values."""
+
+    delta: LowRank
+    error: float
+    singular_values: torch.Tensor
+
+
+def _f64(x: LowRank) -> LowRank:
+    return LowRank(x.B.to(torch.float64), x.A.to(torch.float64), x.scale)
+
+
+def _core_svd(x: LowRank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``B = Q_b R_b``, ``A^T = Q_a R_a``, ``R_b R_a^T = U S V^T`` (all fp64)."""
+    B, A = x.B.to(torch.float64) * x.scale, x.A.to(torch.float64)
+    Q_b, R_b = torch.linalg.qr(B)  # (out, r), (r, r)
+    Q_a, R_a = torch.linalg.qr(A.T)  # (in, r), (r, r)
+    U, S, Vh = torch.linalg.svd(R_b @ R_a.T, full_matrices=False)  # (r, r), (r,), (r, r)
+    return Q_b, Q_a, U, S, Vh
+
+
+def rank_for_energy(singular_values: torch.Tensor, fraction: float) -> int:
+    """Smallest k with ``sum_{j<=k} S_j^2 >= fraction * sum_j S_j^2`` (at least 1)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
+    energy = singular_values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(energy, 0) / total
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=torch.float64) - 1e-12)) + 1
+
+
+def _chosen_rank(S: torch.Tensor, rank: int | None, energy: float | None, rtol: float) -> int:
+    """Fixed ``rank`` (clipped), an ``energy`` fraction, or the numerical rank (``S_j > rtol S_0``)."""
+    if rank is not None:
+        return max(1, min(rank, S.numel()))
+    if energy is not None:
+        return rank_for_energy(S, energy)
+    return max(1, int((S > S[0] * rtol).sum())) if S.numel() and S[0] > 0 else 1
+
+
+def truncate(x: LowRank, rank: int | None = None, energy: float | None = None) -> Truncation:
+    """Best rank-k approximation of ``x`` (Eckart-Young), computed on the factors.
+
+    ``B' = Q_b U_k S_k^(1/2)``, ``A' = S_k^(1/2) V_k^T Q_a^T``; the error is exactly
+    ``|x - B'A'|_F = sqrt(sum_{j>k} S_j^2)``. Give ``rank`` (clipped to the input rank)
+    or ``energy`` (see :func:`rank_for_energy`); neither keeps every non-zero direction.
+    """
+    Q_b, Q_a, U, S, Vh = _core_svd(x)
+    k = _chosen_rank(S, rank, energy, rtol=1e-12)
+    root = S[:k].sqrt()
+    B = Q_b @ (U[:, :k] * root)  # (out, k)
+    A = (root[:, None] * Vh[:k]) @ Q_a.T  # (k, in)
+    error = float(torch.sqrt(torch.sum(S[k:] ** 2)))
+    return Truncation(LowRank(B.float(), A.float(), 1.0), error, S.float())
+
+
+def factorize(dense: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Truncation:
+    """Truncated SVD of one dense (out, in) delta back to LoRA form, with the exact error.
+
+    Used after element-wise methods (TIES, DARE, magnitude). ``rank=None`` and
+    ``energy=None`` keep the numerical rank.
+    """
+    U, S, Vh = torch.linalg.svd(dense.to(torch.float32), full_matrices=False)
+    k = _chosen_rank(S, rank, energy, rtol=1e-6)
+    root = S[:k].sqrt()
+    delta = LowRank(U[:, :k] * root, root[:, None] * Vh[:k], 1.0)
+    error = float(torch.sqrt(torch.sum(S[k:].double() ** 2)))
+    return Truncation(delta, error, S)

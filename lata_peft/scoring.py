@@ -1,0 +1,73 @@
+"""Per-layer alignment of a task adapter with the instruction adapter (LATA's score).
+
+``cos_l = <tau_l, iota_l> / (|tau_l| |iota_l|)`` where ``tau_l`` / ``iota_l`` are the
+task / instruction deltas of every module of block ``l`` flattened together
+(Chen et al. 2025, arXiv 2502.20186, sec. 3). Inner products are taken on the factors
+(:func:`lata_peft.lowrank.inner`); a module adapted on one side only adds to that
+side's norm and nothing to the inner product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .adapter import Adapter
+from .layers import block_index, group_by_block
+from .lowrank import inner
+
+__all__ = ["LayerScore", "score_layers"]
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """One scored unit: a block (``layer``) or, at module granularity, one module of it."""
+
+    layer: int | None
+    module: str | None
+    norm: float
+    instruction_norm: float
+    cosine: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _score(task: Adapter, instruction: Adapter, names: list[str], instruction_names: list[str]) -> tuple[float, ...]:
+    dot = sum(
+        inner(task.modules[n].delta, instruction.modules[n].delta) for n in names if n in instruction.modules
+    )
+    task_norm = sum(inner(task.modules[n].delta, task.modules[n].delta) for n in names) ** 0.5
+    instruction_norm = sum(
+        inner(instruction.modules[n].delta, instruction.modules[n].delta) for n in instruction_names
+    ) ** 0.5
+    cosine = dot / (task_norm * instruction_norm) if task_norm and instruction_norm else 0.0
+    return task_norm, instruction_norm, cosine
+
+
+def score_layers(
+    task: Adapter, instruction: Adapter, granularity: str = "block", layer_regex: str | None = None
+) -> list[LayerScore]:
+    """Cosine of ``task`` with ``instruction`` per block (or per module), in block order.
+
+    Modules outside the blocks (embeddings, heads) are not scored.
+    """
+    task_blocks = group_by_block(task.modules, layer_regex)
+    instruction_blocks = group_by_block(instruction.modules, layer_regex)
+    scores: list[LayerScore] = []
+    for layer, names in task_blocks.items():
+        if layer is None:
+            continue
+        if granularity == "module":
+            for name in names:
+                task_norm, instruction_norm, cosine = _score(task, instruction, [name], [name])
+                scores.append(LayerScore(layer, name, task_norm, instruction_norm, cosine))
+        else:
+            task_norm, instruction_norm, cosine = _score(task, instruction, names, instruction_blocks.get(layer, []))
+            scores.append(LayerScore(layer, None, task_norm, instruction_norm, cosine))
+    return scores
+
+
+def unit_of(module: str, granularity: str, layer_regex: str | None = None) -> tuple[int | None, str | None]:
+    """The scoring unit a module belongs to: ``(block, None)`` or ``(block, module)``."""
+    layer = block_index(module, layer_regex)
+    return (layer, module) if granularity == "module" else (layer, None)

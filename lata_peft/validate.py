@@ -1,0 +1,56 @@
+"""Checks across inputs and on the output path; each failure is one :class:`LataError` line."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .adapter import CONFIG_NAME, Adapter
+from .errors import LataError
+
+__all__ = ["check_compatible", "check_output"]
+
+
+def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
+    """Same base model (a warning, an error with ``strict``) and identical shapes per module.
+
+    Two adapters that adapt the same module must agree on its weight-space shape and on
+    how it is stored (``fan_in_fan_out``, embedding, convolution).
+    """
+    if not adapters:
+        raise LataError("no adapters given")
+    first = adapters[0]
+    for other in adapters[1:]:
+        if other.base_model != first.base_model:
+            message = (
+                f"{other.path / CONFIG_NAME}: base_model_name_or_path is {other.base_model!r} but "
+                f"{first.path / CONFIG_NAME} says {first.base_model!r}"
+            )
+            if strict:
+                raise LataError(message + " (--strict)")
+            warnings.warn(message + "; combining anyway (use --strict to refuse)", stacklevel=2)
+    seen: dict[str, tuple[Adapter, tuple[int, int], str]] = {}
+    for adapter in adapters:
+        for name, module in adapter.modules.items():
+            if name not in seen:
+                seen[name] = (adapter, module.delta.shape, module.kind)
+                continue
+            owner, shape, kind = seen[name]
+            if module.delta.shape != shape or module.kind != kind:
+                raise LataError(
+                    f"{adapter.path}: module {name} is {module.kind} {module.delta.shape} but in "
+                    f"{owner.path} it is {kind} {shape}: the adapters are not for the same base model"
+                )
+
+
+def check_output(out: Path, inputs: Sequence[Path], overwrite: bool = False) -> Path:
+    """Refuse an output that is (or is inside) an input, or that exists without ``overwrite``."""
+    target = Path(out).expanduser().resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source in target.parents:
+            raise LataError(f"{target}: the output would overwrite the input adapter {source}")
+    if target.exists() and not overwrite:
+        raise LataError(f"{target}: already exists (pass --overwrite to replace it)")
+    return target

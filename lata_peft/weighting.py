@@ -1,0 +1,98 @@
+"""LATA layer-weighting schemes: score per layer -> weight per layer.
+
+Chen et al. 2025 (arXiv 2502.20186) name three schemes but the public text does not give
+their formulas; these are our reconstructions, with their parameters exposed. Layers
+are ranked by cosine with the instruction vector, ``rho = 0`` for the most
+instruction-like of ``L`` layers and ``rho = L - 1`` for the most task-specific:
+
+* ``linear`` (Linear-Drop-by-Rank, used on Gemma-2-9B):
+  ``w = low + (high - low) * rho / (L - 1)``
+* ``log`` (Logarithmic-Drop-by-Rank, used on Llama-3-8B):
+  ``w = low + (high - low) * ln(1 + rho) / ln(L)`` (drops sharply only for the top ranks)
+* ``threshold`` (Drop-with-Threshold, used for forgetting):
+  ``w = high`` if ``cos < threshold`` else ``low`` (instruction-like layers dropped)
+
+With ``normalize`` the weights are rescaled to mean 1 over the scored layers, so
+task-specific layers are amplified rather than only instruction-like ones attenuated.
+Ties in cosine share the mean of their ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import LataError
+
+__all__ = ["SCHEMES", "LayerWeighting", "layer_weights", "rank_by_alignment"]
+
+
+def rank_by_alignment(cosines: Sequence[float]) -> list[float]:
+    """``rho_i``: 0 for the highest cosine, ``L - 1`` for the lowest; ties get their mean rank."""
+    order = sorted(range(len(cosines)), key=lambda i: -cosines[i])
+    ranks = [0.0] * len(cosines)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and cosines[order[end + 1]] == cosines[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def _linear(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
+    count = len(cosines)
+    if count == 1:
+        return [high]
+    return [low + (high - low) * rho / (count - 1) for rho in rank_by_alignment(cosines)]
+
+
+def _log(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
+    count = len(cosines)
+    if count == 1:
+        return [high]
+    return [low + (high - low) * math.log1p(rho) / math.log(count) for rho in rank_by_alignment(cosines)]
+
+
+def _threshold(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
+    return [high if c < threshold else low for c in cosines]
+
+
+Scheme = Callable[[Sequence[float], float, float, float], list[float]]
+SCHEMES: dict[str, Scheme] = {"linear": _linear, "log": _log, "threshold": _threshold}
+SCHEME_TITLES = {
+    "linear": "Linear-Drop-by-Rank",
+    "log": "Logarithmic-Drop-by-Rank",
+    "threshold": "Drop-with-Threshold",
+}
+
+
+@dataclass(frozen=True)
+class LayerWeighting:
+    """A LATA scheme and its parameters (see the module docstring for the formulas)."""
+
+    scheme: str = "linear"
+    low: float = 0.0
+    high: float = 1.0
+    threshold: float = 0.95
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise LataError(f"--scheme {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
+        if self.low > self.high:
+            raise LataError(f"LATA weights: low ({self.low}) must not exceed high ({self.high})")
+
+
+def layer_weights(cosines: Sequence[float], weighting: LayerWeighting = LayerWeighting()) -> list[float]:
+    """One weight per scored layer, in the order of ``cosines``."""
+    if not cosines:
+        return []
+    weights = SCHEMES[weighting.scheme](cosines, weighting.low, weighting.high, weighting.threshold)
+    if weighting.normalize:
+        mean = sum(weights) / len(weights)
+        weights = [w / mean for w in weights] if mean > 0 else weights
+    return weights
