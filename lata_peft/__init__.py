@@ -7,9 +7,9 @@
 
 __version__ = "0.1.0"
 
-from .api import METHOD_NAMES, CombineResult, InspectResult, combine, inspect  # noqa: E402
-from .errors import LataError  # noqa: E402
-from .recipe import run_recipe  # noqa: E402
+from .api import METHOD_NAMES, CombineResult, InspectResult, combine, inspect
+from .errors import LataError
+from .recipe import run_recipe
 
 __all__ = [
     "METHOD_NAMES",

@@ -162,7 +162,9 @@ def read_tensors(folder: Path, allow_pickle: bool = False) -> tuple[dict[str, to
         try:
             tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise LataError(f"{pickle_path}: could not be read safely ({type(exc).__name__}: {exc})") from None
+            lines = str(exc).splitlines() or [""]
+            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
+            raise LataError(f"{pickle_path}: could not be read with weights_only=True ({reason})") from None
         return dict(tensors), pickle_path
     raise LataError(f"{folder}: no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
 

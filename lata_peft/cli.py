@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -57,12 +58,13 @@ def _guarded(call: Callable[[], T]) -> T:
         try:
             result = call()
         except LataError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            message = " ".join(str(exc).split())  # one line, whatever the cause said
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, markup=True)
             raise typer.Exit(2) from None
         finally:
             for warning in caught:
                 if issubclass(warning.category, UserWarning) and "lata" in str(warning.filename):
-                    err_console.print(f"[yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+                    err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
     return result
 
 
@@ -78,7 +80,7 @@ def _summary_table(result: api.CombineResult) -> None:
     table.add_column()
     for entry in report["inputs"]:
         weight = "" if entry["weight"] is None else f" x {entry['weight']:g}"
-        table.add_row(entry["role"], f"{entry['label']}{weight}  [dim]{entry['path']}[/]")
+        table.add_row(entry["role"], f"{escape(entry['label'])}{weight}  [dim]{escape(entry['path'])}[/]")
     table.add_row("method", f"{report['method']}" + (f" + LATA {report['scheme']}" if report["lata"] else "")
                   + f", lambda {report['lambda']:g}, rank {report['rank']}")
     table.add_row("modules", str(summary["modules"]))

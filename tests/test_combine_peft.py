@@ -1,0 +1,140 @@
+"""Combined adapters load in PEFT and give the logits of the dense weighted sum.
+
+The reference never uses our code: each input's dense delta is what PEFT's own
+``merge_and_unload`` adds to the base, summed densely with the same coefficients.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import logits_with_adapter, logits_with_deltas, peft_delta_weights
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import lata_peft
+
+
+def expected_logits(base, tokens, terms):
+    """Base logits with ``sum_i c_i * (merge_and_unload(adapter_i) - W)`` added densely."""
+    total: dict[str, torch.Tensor] = {}
+    for coefficient, folder in terms:
+        for name, delta in peft_delta_weights(base, folder).items():
+            total[name] = total.get(name, 0) + coefficient * delta
+    return logits_with_deltas(base, total, tokens)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "weights", "forget", "lam"),
+    [
+        (["plain", "rank8"], [1.0, 0.5], [], 1.0),  # mixed ranks and alphas
+        (["rslora", "patterns"], [0.7, 1.3], [], 1.0),  # rsLoRA, rank_pattern, alpha_pattern
+        (["plain", "attention_only"], None, ["patterns"], 0.8),  # different target modules, forgetting
+    ],
+)
+def test_exact_combination_matches_dense_sum(tmp_path, base, adapters, tokens, tasks, weights, forget, lam):
+    out = tmp_path / "out"
+    lata_peft.combine([adapters[t] for t in tasks], out, forget=[adapters[f] for f in forget],
+                      weights=weights, lam=lam)
+    coefficients = [lam * w for w in (weights or [1.0] * len(tasks))]
+    terms = [(c, adapters[t]) for c, t in zip(coefficients, tasks, strict=True)]
+    terms += [(-lam, adapters[f]) for f in forget]
+    want = expected_logits(base, tokens, terms)
+    got = logits_with_adapter(base, out, tokens)
+    assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max())
+    # and it really moved the model
+    with torch.no_grad():
+        assert (base(tokens).logits - got).abs().max() > 1e-3
+
+
+def test_output_config_describes_what_was_written(tmp_path, adapters):
+    out = tmp_path / "out"
+    lata_peft.combine([adapters["plain"], adapters["patterns"]], out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    tensors = load_file(out / "adapter_model.safetensors")
+    for key, tensor in tensors.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            rank = config["rank_pattern"].get(module, config["r"])
+            assert tensor.shape[0] == rank
+            assert config["alpha_pattern"].get(module, config["lora_alpha"]) == rank  # scale 1
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+    assert config["base_model_name_or_path"] == "tiny-llama-for-tests"
+    report = json.loads((out / "lata_report.json").read_text())
+    assert [i["role"] for i in report["inputs"]] == ["task", "task"]
+    assert all(len(i["sha256"]["adapter_model.safetensors"]) == 64 for i in report["inputs"])
+    assert report["summary"]["max_error"] == 0.0
+
+
+def test_truncated_combination_is_the_best_rank_k_approximation(tmp_path, base, adapters):
+    out = tmp_path / "out"
+    result = lata_peft.combine([adapters["plain"], adapters["rank8"]], out, rank=3)
+    dense = {name: d for name, d in peft_delta_weights(base, adapters["plain"]).items()}
+    for name, delta in peft_delta_weights(base, adapters["rank8"]).items():
+        dense[name] = dense[name] + delta
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).merge_and_unload()
+    weights = dict(merged.named_parameters())
+    original = dict(base.named_parameters())
+    reports = {r.module: r for r in result.combination.reports}
+    for name, exact in dense.items():
+        written = (weights[name] - original[name]).detach().double()
+        S = torch.linalg.svdvals(exact)
+        best_error = float(S[3:].square().sum().sqrt())
+        assert float((written - exact).norm()) == pytest.approx(best_error, rel=1e-3, abs=1e-5)
+        assert reports[name.removesuffix(".weight")].error == pytest.approx(best_error, rel=1e-3, abs=1e-5)
+        assert torch.linalg.matrix_rank(written.float(), rtol=1e-4) <= 3
+
+
+def test_matches_peft_cat_and_shows_peft_linear_is_not_the_sum(tmp_path, base, adapters, tokens):
+    """PEFT's ``cat`` is exact like ours; its ``linear`` averages factors, which is not the weighted sum."""
+    weights = [0.6, 0.4]
+    out = tmp_path / "out"
+    lata_peft.combine([adapters["plain"], adapters["instruct"]], out, weights=weights)
+    ours = logits_with_adapter(base, out, tokens)
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters["plain"]), adapter_name="a")
+    model.load_adapter(str(adapters["instruct"]), adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], weights, "cat", combination_type="cat")
+    model.add_weighted_adapter(["a", "b"], weights, "linear", combination_type="linear")
+    model.eval()
+    with torch.no_grad():
+        model.set_adapter("cat")
+        peft_cat = model(tokens).logits
+        model.set_adapter("linear")
+        peft_linear = model(tokens).logits
+    want = expected_logits(base, tokens, [(0.6, adapters["plain"]), (0.4, adapters["instruct"])])
+    torch.testing.assert_close(ours, peft_cat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    assert (peft_linear - want).abs().max() > 100 * (ours - want).abs().max() + 1e-4
+
+
+def test_output_keeps_the_input_dtype(tmp_path, adapters):
+    source = adapters["plain"]
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(source / "adapter_model.safetensors").items()},
+              half / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    lata_peft.combine([half, half], out, weights=[0.5, 0.5])
+    assert {t.dtype for t in load_file(out / "adapter_model.safetensors").values()} == {torch.bfloat16}
+    lata_peft.combine([half], tmp_path / "f32", dtype="float32")
+    assert {t.dtype for t in load_file(tmp_path / "f32" / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_inputs_are_not_modified(tmp_path, adapters):
+    import hashlib
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    before = {k: digest(v) for k, v in adapters.items()}
+    lata_peft.combine([adapters["plain"], adapters["rank8"]], tmp_path / "o", forget=[adapters["patterns"]],
+                      method="ties", rank=4)
+    assert {k: digest(v) for k, v in adapters.items()} == before

@@ -1,0 +1,92 @@
+"""Factored algebra against dense maths (hypothesis property tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lata_peft.lowrank import LowRank, cosine, factorize, inner, norm, rank_for_energy, truncate, weighted_sum
+
+dims = st.integers(min_value=1, max_value=24)
+ranks = st.integers(min_value=1, max_value=6)
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+scales = st.floats(min_value=-4.0, max_value=4.0, allow_nan=False).filter(lambda s: abs(s) > 1e-3)
+
+
+def random_delta(out: int, inp: int, rank: int, seed: int, scale: float = 1.0) -> LowRank:
+    g = torch.Generator().manual_seed(seed)
+    return LowRank(torch.randn(out, rank, generator=g), torch.randn(rank, inp, generator=g), scale)
+
+
+def dense64(x: LowRank) -> torch.Tensor:
+    return x.scale * (x.B.double() @ x.A.double())
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims, dims, ranks, ranks, seeds, scales, scales)
+def test_inner_norm_cosine_match_dense(out, inp, r1, r2, seed, s1, s2):
+    x, y = random_delta(out, inp, r1, seed, s1), random_delta(out, inp, r2, seed + 1, s2)
+    dx, dy = dense64(x), dense64(y)
+    assert inner(x, y) == pytest.approx(float((dx * dy).sum()), rel=1e-9, abs=1e-9)
+    assert norm(x) == pytest.approx(float(dx.norm()), rel=1e-9)
+    expected = float((dx * dy).sum() / (dx.norm() * dy.norm()))
+    assert cosine(x, y) == pytest.approx(expected, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims, dims, st.lists(st.tuples(ranks, scales, scales), min_size=1, max_size=4), seeds)
+def test_weighted_sum_of_factors_equals_dense_sum(out, inp, terms, seed):
+    deltas = [(c, random_delta(out, inp, r, seed + i, s)) for i, (r, s, c) in enumerate(terms)]
+    total = weighted_sum(deltas)
+    assert total.rank == sum(d.rank for _, d in deltas)
+    expected = sum(c * dense64(d) for c, d in deltas)
+    torch.testing.assert_close(dense64(total.float()), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 30), st.integers(4, 30), st.integers(1, 8), st.integers(1, 8), seeds)
+def test_truncation_error_is_the_tail_of_the_singular_values(out, inp, rank, k, seed):
+    x = random_delta(out, inp, rank, seed, 0.7)
+    result = truncate(x, rank=k)
+    dense = dense64(x)
+    S = torch.linalg.svdvals(dense)
+    kept = min(k, rank)
+    assert result.delta.rank == kept
+    residual = float((dense - dense64(result.delta)).norm())
+    tail = float(S[kept:].square().sum().sqrt())
+    assert result.error == pytest.approx(tail, rel=1e-4, abs=1e-5)
+    assert residual == pytest.approx(tail, rel=1e-4, abs=1e-4)
+    torch.testing.assert_close(result.singular_values.double()[: min(rank, len(S))], S[: min(rank, len(S))],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_exact_truncation_keeps_the_delta():
+    x = weighted_sum([(1.0, random_delta(20, 12, 3, 0)), (-2.0, random_delta(20, 12, 5, 1))])
+    result = truncate(x)
+    assert result.delta.rank == 8
+    assert result.error == 0.0
+    torch.testing.assert_close(result.delta.dense(), x.dense(), rtol=1e-4, atol=1e-4)
+
+
+def test_energy_rank_choice():
+    S = torch.tensor([3.0, 2.0, 1.0, 0.0])  # energies 9, 4, 1 of 14
+    assert rank_for_energy(S, 9 / 14) == 1
+    assert rank_for_energy(S, 0.7) == 2
+    assert rank_for_energy(S, 13 / 14) == 2
+    assert rank_for_energy(S, 0.99) == 3
+    x = random_delta(16, 16, 6, 3)
+    result = truncate(x, energy=0.9)
+    energy = result.singular_values.double().square()
+    k = result.delta.rank
+    assert energy[:k].sum() >= 0.9 * energy.sum() - 1e-6
+    assert energy[: k - 1].sum() < 0.9 * energy.sum()
+
+
+def test_factorize_dense_delta():
+    x = random_delta(18, 10, 4, 7)
+    result = factorize(x.dense(), rank=2)
+    S = torch.linalg.svdvals(x.dense().double())
+    assert result.error == pytest.approx(float(S[2:].square().sum().sqrt()), rel=1e-4)
+    assert factorize(x.dense()).delta.rank == 4  # numerical rank
