@@ -64,7 +64,8 @@ def _guarded(call: Callable[[], T]) -> T:
         finally:
             for warning in caught:
                 if issubclass(warning.category, UserWarning) and "lata" in str(warning.filename):
-                    err_console.print(f"[yellow]warning:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+                    text = escape(str(warning.message))
+                    err_console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     return result
 
 
@@ -194,7 +195,8 @@ def inspect(
         for row in adapter["layers"]:
             cells = [str(row["layer"]) if row["module"] is None else row["module"], f"{row['norm']:.4f}"]
             if instruction:
-                cells += [f"{row['cosine']:+.3f}"] + [f"{row['weights'][n]:.2f}" for n in ("linear", "log", "threshold")]
+                cells.append(f"{row['cosine']:+.3f}")
+                cells += [f"{row['weights'][n]:.2f}" for n in ("linear", "log", "threshold")]
             table.add_row(*cells)
         out_console.print(table)
     if plot is not None:

@@ -1,0 +1,127 @@
+"""LATA: factored block cosines, scheme orderings, and the written per-block deltas."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import peft_delta_weights
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+import lata_peft
+from lata_peft.adapter import load_adapter
+from lata_peft.scoring import score_layers
+from lata_peft.weighting import LayerWeighting, layer_weights, rank_by_alignment
+
+INSTRUCTION_LIKE = (0, 1)  # blocks where the constructed task adapter copies the instruction adapter
+
+
+def constructed_task(tmp_path: Path, instruct: Path, seed: int, name: str) -> Path:
+    """Same factors as ``instruct`` (plus 1% noise) in blocks 0-1, independent random factors in 2-3."""
+    folder = tmp_path / name
+    shutil.copytree(instruct, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for key, tensor in tensors.items():
+        block = int(key.split(".layers.")[1].split(".")[0])
+        noise = torch.randn(tensor.shape, generator=g) * tensor.std()
+        tensors[key] = tensor + 0.01 * noise if block in INSTRUCTION_LIKE else noise
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return folder
+
+
+def dense_block_cosine(base, task: Path, instruction: Path) -> dict[int, float]:
+    t, i = peft_delta_weights(base, task), peft_delta_weights(base, instruction)
+    result = {}
+    for block in range(4):
+        names = sorted(n for n in t if f".layers.{block}." in n)
+        tv = torch.cat([t[n].flatten() for n in names])
+        iv = torch.cat([i[n].flatten() for n in names])
+        result[block] = float(tv @ iv / (tv.norm() * iv.norm()))
+    return result
+
+
+def test_factored_block_cosines_equal_dense_cosines(base, adapters):
+    scores = score_layers(load_adapter(adapters["plain"]), load_adapter(adapters["instruct"]))
+    dense = dense_block_cosine(base, adapters["plain"], adapters["instruct"])
+    assert [s.layer for s in scores] == [0, 1, 2, 3]
+    for s in scores:
+        assert s.cosine == pytest.approx(dense[s.layer], abs=1e-6)
+
+
+def test_module_granularity_matches_dense(base, adapters):
+    scores = score_layers(load_adapter(adapters["rank8"]), load_adapter(adapters["instruct"]), "module")
+    t = peft_delta_weights(base, adapters["rank8"])
+    i = peft_delta_weights(base, adapters["instruct"])
+    assert len(scores) == 28
+    for s in scores:
+        a, b = t[s.module + ".weight"].flatten(), i[s.module + ".weight"].flatten()
+        assert s.cosine == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["linear", "log", "threshold"])
+@pytest.mark.parametrize("forget", [False, True])
+def test_instruction_like_blocks_get_smaller_weights(tmp_path, adapters, scheme, forget):
+    task = constructed_task(tmp_path, adapters["instruct"], 0, "task")
+    args = {"forget": [task]} if forget else {}
+    result = lata_peft.combine([] if forget else [task], tmp_path / "out", method="lata",
+                               instruction=adapters["instruct"], scheme=scheme, threshold=0.9, **args)
+    rows = result.layer_weights["task"]
+    cosines = {r["layer"]: r["cosine"] for r in rows}
+    weights = {r["layer"]: r["weight"] for r in rows}
+    assert min(cosines[b] for b in INSTRUCTION_LIKE) > 0.99
+    assert max(abs(cosines[b]) for b in (2, 3)) < 0.5
+    assert max(weights[b] for b in INSTRUCTION_LIKE) < min(weights[b] for b in (2, 3))
+    written = json.loads((tmp_path / "out" / "lata_report.json").read_text())
+    assert written["layer_weights"]["task"][2]["weight"] == pytest.approx(weights[2])
+
+
+def test_block_deltas_are_the_weighted_sum_of_input_block_deltas(tmp_path, base, adapters):
+    task = constructed_task(tmp_path, adapters["instruct"], 1, "task")
+    out = tmp_path / "out"
+    result = lata_peft.combine([task, adapters["plain"]], out, forget=[adapters["rank8"]], method="lata",
+                               instruction=adapters["instruct"], scheme="log", weights=[1.0, 0.5], lam=0.9,
+                               normalize=True)
+    layer_weight = {label: {r["layer"]: r["weight"] for r in rows} for label, rows in result.layer_weights.items()}
+    inputs = {"task": (task, 0.9 * 1.0), "plain": (adapters["plain"], 0.9 * 0.5), "rank8": (adapters["rank8"], -0.9)}
+    expected: dict[str, torch.Tensor] = {}
+    for label, (folder, coefficient) in inputs.items():
+        for name, delta in peft_delta_weights(base, folder).items():
+            block = int(name.split(".layers.")[1].split(".")[0])
+            expected[name] = expected.get(name, 0) + coefficient * layer_weight[label][block] * delta
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).merge_and_unload()
+    written, original = dict(merged.named_parameters()), dict(base.named_parameters())
+    for name, delta in expected.items():
+        torch.testing.assert_close((written[name] - original[name]).detach().double(), delta, rtol=1e-4, atol=1e-6)
+    assert sum(layer_weight["task"].values()) / 4 == pytest.approx(1.0)  # normalised to mean 1
+
+
+def test_scheme_formulas():
+    cosines = [0.9, 0.1, 0.5, 0.3]  # ranks (most instruction-like first): 0, 3, 1, 2
+    assert rank_by_alignment(cosines) == [0, 3, 1, 2]
+    assert layer_weights(cosines, LayerWeighting("linear")) == pytest.approx([0, 1, 1 / 3, 2 / 3])
+    import math
+
+    assert layer_weights(cosines, LayerWeighting("log")) == pytest.approx(
+        [0, math.log(4) / math.log(4), math.log(2) / math.log(4), math.log(3) / math.log(4)])
+    assert layer_weights(cosines, LayerWeighting("threshold", threshold=0.4)) == [0, 1, 0, 1]
+    assert layer_weights(cosines, LayerWeighting("linear", low=0.5, high=1.5)) == pytest.approx(
+        [0.5, 1.5, 0.5 + 1 / 3, 0.5 + 2 / 3])
+    normalized = layer_weights(cosines, LayerWeighting("threshold", threshold=0.4, normalize=True))
+    assert normalized == [0, 2, 0, 2]
+    assert rank_by_alignment([0.2, 0.2, 0.1]) == [0.5, 0.5, 2]
+
+
+def test_baseline_with_lata_weights(tmp_path, adapters):
+    task = constructed_task(tmp_path, adapters["instruct"], 2, "task")
+    result = lata_peft.combine([task, adapters["plain"]], tmp_path / "out", method="ties", lata=True,
+                               instruction=adapters["instruct"], scheme="threshold", threshold=0.9, rank=4)
+    coefficients = {r.module: r.coefficients for r in result.combination.reports}
+    assert coefficients["model.layers.0.self_attn.q_proj"] == [1.0]  # the task adapter dropped in block 0
+    assert len(coefficients["model.layers.3.self_attn.q_proj"]) == 2  # and kept in block 3
+    assert result.report["lata"] is True and result.report["method"] == "ties"
