@@ -184,8 +184,9 @@ def inspect(
         return
     for label, adapter in result.adapters.items():
         ranks = sorted({m["rank"] for m in adapter["modules"]})
-        table = Table(title=f"{label}: {len(adapter['modules'])} modules, rank {'/'.join(map(str, ranks))}",
-                      title_justify="left")
+        out_console.print(f"[bold]{escape(label)}[/]: {len(adapter['modules'])} modules, "
+                          f"rank {'/'.join(map(str, ranks))}  [dim]{escape(adapter['path'])}[/]", soft_wrap=True)
+        table = Table()
         table.add_column("layer", justify="right")
         table.add_column("norm", justify="right")
         if instruction:

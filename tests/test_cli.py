@@ -1,0 +1,95 @@
+"""The CLI end to end: summary, --json, --dry-run, inspect (table, JSON, plot), recipes, --help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lata_peft.cli import app
+from lata_peft.recipe import load_recipe
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_verb_and_flag():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("combine", "inspect", "run"):
+        assert verb in result.output
+    result = runner.invoke(app, ["combine", "--help"], terminal_width=200)
+    for flag in ("--forget", "--method", "--weight", "--lambda", "--rank", "--dry-run", "--json", "--instruction",
+                 "--scheme", "--threshold", "--granularity", "--overwrite", "--allow-pickle", "--strict"):
+        assert flag in result.output
+
+
+def test_combine_summary_and_json(tmp_path, adapters):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["combine", str(adapters["plain"]), str(adapters["rank8"]), "--forget",
+                                 str(adapters["patterns"]), "--rank", "6", "-o", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "modules" in result.output and "28" in result.output and "max truncation error" in result.output
+    assert (out / "adapter_model.safetensors").is_file()
+    result = runner.invoke(app, ["combine", str(adapters["plain"]), "--method", "lata", "--instruction",
+                                 str(adapters["instruct"]), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = report["layer_weights"]["plain"]
+    assert [row["layer"] for row in rows] == [0, 1, 2, 3]
+    assert sorted(row["weight"] for row in rows) == pytest.approx([0, 1 / 3, 2 / 3, 1])  # Linear-Drop-by-Rank
+    assert report["out"] is None and report["summary"]["modules"] == 21  # the weight-0 block is not written
+
+
+def test_inspect_json_and_plot(tmp_path, adapters):
+    plot = tmp_path / "scores.png"
+    result = runner.invoke(app, ["inspect", str(adapters["plain"]), str(adapters["rank8"]), "--instruction",
+                                 str(adapters["instruct"]), "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"plain", "rank8"}
+    for row in payload["plain"]["layers"]:
+        assert isinstance(row["layer"], int) and row["norm"] > 0 and -1 <= row["cosine"] <= 1
+        assert set(row["weights"]) == {"linear", "log", "threshold"} and row["weight"] == row["weights"]["linear"]
+    assert {m["rank"] for m in payload["rank8"]["modules"]} == {8}
+    from PIL import Image
+
+    with Image.open(plot) as image:
+        assert image.size[0] >= 800 and image.size[1] >= 600
+        colors = image.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert len(colors) > 50  # lines, text and a legend, not a blank canvas
+
+
+def test_inspect_table_without_instruction(adapters):
+    result = runner.invoke(app, ["inspect", str(adapters["patterns"])], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "rank 2/4/6" in result.output
+
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_shipped_recipe_is_valid(recipe):
+    verb, arguments = load_recipe(recipe)
+    assert verb in ("combine", "inspect")
+    assert "launch" in recipe.read_text().splitlines()[0].lower() or recipe.read_text().startswith("#")
+
+
+def test_recipe_runs(tmp_path, adapters):
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    recipe.write_text(yaml.safe_dump({"combine": {
+        "adapters": [str(adapters["plain"])], "forget": [str(adapters["rank8"])], "lambda": 0.5,
+        "method": "lata", "instruction": str(adapters["instruct"]), "scheme": "threshold", "out": str(out)}}))
+    result = runner.invoke(app, ["run", str(recipe), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["lambda"] == 0.5 and report["scheme"] == "threshold"
+    assert (out / "lata_report.json").is_file()
+    recipe.write_text(yaml.safe_dump({"combine": {"adapters": ["x"], "lamda": 1}}))
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and "lamda" in result.output and str(recipe) in result.output
