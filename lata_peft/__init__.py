@@ -5,7 +5,13 @@
 ['dare', 'dare_ties', 'lata', 'magnitude', 'ta', 'ties']
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes' CPU backend logs a warning on import when the optional `kernels` hub download is
+# unavailable; it falls back to its own kernels, so the message is only noise for our users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .api import METHOD_NAMES, CombineResult, InspectResult, combine, inspect
 from .errors import LataError
