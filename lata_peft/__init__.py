@@ -13,9 +13,9 @@ __version__ = "0.1.0"
 # unavailable; it falls back to its own kernels, so the message is only noise for our users.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .api import METHOD_NAMES, CombineResult, InspectResult, combine, inspect
-from .errors import LataError
-from .recipe import run_recipe
+from .api import METHOD_NAMES, CombineResult, InspectResult, combine, inspect  # noqa: E402
+from .errors import LataError  # noqa: E402
+from .recipe import run_recipe  # noqa: E402
 
 __all__ = [
     "METHOD_NAMES",

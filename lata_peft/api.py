@@ -7,6 +7,7 @@ weights) -> combine factored or per module -> write atomically with a report.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 
 from . import __version__
 from .adapter import (
+    REPORT_NAME,
     Adapter,
     load_adapter,
     output_config,
@@ -26,6 +28,7 @@ from .adapter import (
 from .combine import Combination, RankPolicy
 from .combine import combine as combine_modules
 from .errors import LataError
+from .fold import FoldResult, QuantOptions, check_disk_space, fold_modules, resolve_base
 from .layers import block_index
 from .lowrank import norm
 from .methods import METHODS
@@ -33,7 +36,7 @@ from .scoring import score_layers
 from .validate import check_compatible, check_output
 from .weighting import SCHEMES, LayerWeighting, layer_weights
 
-__all__ = ["CombineResult", "InspectResult", "combine", "inspect"]
+__all__ = ["CombineResult", "FoldResult", "InspectResult", "combine", "fold", "inspect"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHOD_NAMES = ("lata", *METHODS)
@@ -135,6 +138,8 @@ def combine(
     allow_pickle: bool = False,
     overwrite: bool = False,
     dry_run: bool = False,
+    fold_into: str | Path | None = None,
+    four_bit: bool = False,
     progress: Progress | None = None,
 ) -> CombineResult:
     """Combine LoRA adapters into one PEFT adapter written to ``out``.
@@ -162,6 +167,9 @@ def combine(
         allow_pickle: read ``adapter_model.bin`` with ``weights_only=True``.
         overwrite: replace an existing ``out``.
         dry_run: compute and report, write nothing.
+        fold_into: a base model folder (or hub id): write the base with the combination folded in
+            instead of an adapter.
+        four_bit: with ``fold_into``, quantise the folded model to bitsandbytes NF4 once.
     """
     started = time.perf_counter()
     if method not in METHOD_NAMES:
@@ -185,6 +193,12 @@ def combine(
     sources = [*adapters, *forget]
     local_inputs = [Path(s) for s in [*sources, *([instruction] if instruction else [])] if Path(s).exists()]
     target = check_output(Path(out), local_inputs, overwrite) if out is not None else None
+    base_path = resolve_base(fold_into) if fold_into is not None else None
+    if four_bit and fold_into is None:
+        raise LataError("--4bit needs --fold-into BASE (a 4-bit adapter is not a thing: the base is quantised)")
+    if base_path is not None and target is not None:
+        check_output(target, [base_path], overwrite)
+        check_disk_space(base_path, target, four_bit)
 
     tasks = _load_all(sources, allow_pickle)
     instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
@@ -228,7 +242,10 @@ def combine(
             "sign_method": sign_method, "dtype": str(out_dtype).removeprefix("torch."),
         },
     )
-    if target is not None and not dry_run:
+    if target is not None and not dry_run and base_path is not None:
+        report["fold"] = _fold_into(combination.modules, base_path, target, four_bit, QuantOptions(), report,
+                                    overwrite, progress)
+    elif target is not None and not dry_run:
         config = output_config(tasks, combination.modules)
         write_atomically(
             target,
@@ -236,6 +253,70 @@ def combine(
             overwrite=overwrite,
         )
     return CombineResult(None if dry_run else target, combination, tables, report, seconds)
+
+
+def _fold_into(modules, base: Path, target: Path, four_bit: bool, quant: QuantOptions, report: dict[str, Any],
+               overwrite: bool, progress: Progress | None) -> dict[str, Any]:
+    """Fold into ``base`` and write it (with ``lata_report.json``) atomically at ``target``."""
+    outcome: dict[str, Any] = {}
+
+    def fill(folder: Path) -> None:
+        result = fold_modules(modules, base, folder, four_bit=four_bit, quant=quant, progress=progress)
+        outcome.update(result.to_dict(), out=str(target), base=str(base))
+        report["fold"] = outcome
+        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+    write_atomically(target, fill, overwrite=overwrite)
+    return outcome
+
+
+def fold(
+    adapter: str | Path,
+    base: str | Path,
+    out: str | Path,
+    *,
+    four_bit: bool = False,
+    blocksize: int | None = None,
+    compute_dtype: str | None = None,
+    double_quant: bool | None = None,
+    quant_storage: str | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fold one adapter into ``base`` and write the model to ``out`` (full precision or NF4).
+
+    ``W <- W + s * B @ A`` per adapted weight, streamed tensor by tensor; with ``four_bit``
+    each weight is quantised once (and a 4-bit base dequantised once). Returns the report,
+    including the 4-bit fold's relative weight error against the full-precision fold.
+
+    Args:
+        adapter: PEFT LoRA adapter folder or hub id.
+        base: transformers model folder (safetensors, sharded or not) or hub id.
+        out: output model folder.
+        four_bit: quantise to bitsandbytes NF4 (automatic when the base is 4-bit).
+        blocksize / compute_dtype / double_quant / quant_storage: NF4 settings; default to
+            the base's ``quantization_config``, else 64 / the base dtype / true / uint8.
+        allow_pickle: read a pickled adapter with ``weights_only=True``.
+        overwrite: replace an existing ``out``.
+    """
+    started = time.perf_counter()
+    base_path = resolve_base(base)
+    adapter_path = Path(adapter)
+    target = check_output(Path(out), [p for p in (adapter_path, base_path) if p.exists()], overwrite)
+    check_disk_space(base_path, target, four_bit)
+    loaded = load_adapter(adapter, allow_pickle=allow_pickle)
+    report: dict[str, Any] = {
+        "lata_peft_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": "fold",
+        "inputs": [{"label": loaded.name, "path": str(loaded.path.resolve()), "role": "adapter",
+                    "base_model": loaded.base_model, "sha256": loaded.sha256}],
+    }
+    quant = QuantOptions(blocksize, compute_dtype, double_quant, quant_storage)
+    _fold_into(loaded.modules, base_path, target, four_bit, quant, report, overwrite, progress)
+    report["fold"]["seconds"] = round(time.perf_counter() - started, 3)
+    return report
 
 
 def _common_dtype(adapters: Sequence[Adapter]) -> torch.dtype:

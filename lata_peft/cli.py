@@ -93,6 +93,28 @@ def _summary_table(result: api.CombineResult) -> None:
     out_console.print(table)
     if result.layer_weights:
         _layer_weights_table(result.layer_weights)
+    if "fold" in report:
+        _fold_table(report["fold"])
+
+
+def _fold_table(fold: dict[str, Any]) -> None:
+    table = Table(title="fold", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("base", escape(fold["base"]))
+    table.add_row("written to", escape(fold["out"]))
+    table.add_row("format", "bitsandbytes NF4" if fold["four_bit"] else "full precision")
+    table.add_row("folded modules", str(fold["folded_modules"]))
+    if fold["four_bit"]:
+        table.add_row("quantised modules", str(fold["quantized_modules"]))
+        error = fold["total_relative_error_4bit_vs_full_precision"]
+        errors = fold["module_relative_errors_4bit_vs_full_precision"]
+        worst = max(errors.items(), key=lambda kv: kv[1]) if errors else None
+        table.add_row("4-bit cost |W4 - W|/|W|", f"{error:.4f} total" if error is not None else "-")
+        if worst:
+            table.add_row("worst module", f"{worst[1]:.4f}  {escape(worst[0])}")
+    table.add_row("size", f"{fold['bytes_written'] / 1e6:.1f} MB of weights")
+    out_console.print(table)
 
 
 def _layer_weights_table(tables: dict[str, list[dict[str, Any]]]) -> None:
@@ -143,6 +165,9 @@ def combine(
     allow_pickle: Annotated[bool, typer.Option(help="Read pickled .bin weights (weights_only=True).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Compute and report; write nothing.")] = False,
+    fold_into: Annotated[str | None, typer.Option(help="Write this base model with the combination folded in.")]
+    = None,
+    four_bit: Annotated[bool, typer.Option("--4bit", help="With --fold-into: quantise to NF4 once.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Combine adapters: lambda * (sum_i w_i dW_i - sum_j f_j dW_j), optionally LATA-weighted per layer."""
@@ -153,7 +178,8 @@ def combine(
             lam=lam, rank=rank, instruction=instruction, lata=lata, scheme=scheme, threshold=threshold, low=low,
             high=high, normalize=normalize, granularity=granularity, density=density, seed=seed,
             sign_method=sign_method, dtype=dtype, layer_regex=layer_regex, strict=strict,
-            allow_pickle=allow_pickle, overwrite=overwrite, dry_run=dry_run, progress=progress,
+            allow_pickle=allow_pickle, overwrite=overwrite, dry_run=dry_run, fold_into=fold_into,
+            four_bit=four_bit, progress=progress,
         ))
     if as_json:
         _print_json({**result.report, "out": str(result.out) if result.out else None})
@@ -202,6 +228,34 @@ def inspect(
         out_console.print(table)
     if plot is not None:
         out_console.print(f"plot written to {plot}")
+
+
+@app.command()
+def fold(
+    adapter: Annotated[str, typer.Argument(help="PEFT LoRA adapter folder (or hub id).")],
+    base: Annotated[str, typer.Option(help="transformers model folder (or hub id).")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output model folder.")],
+    four_bit: Annotated[bool, typer.Option("--4bit", help="Quantise to bitsandbytes NF4 once.")] = False,
+    blocksize: Annotated[int | None, typer.Option(help="NF4 block size (default: the base's, else 64).")] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help="NF4 compute dtype (default: the base dtype).")] = None,
+    double_quant: Annotated[bool | None, typer.Option(help="Quantise the NF4 scales too.")] = None,
+    quant_storage: Annotated[str | None, typer.Option(help="Storage dtype of packed weights.")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Read pickled .bin weights (weights_only=True).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Fold an adapter into its base model: W <- W + s B A, streamed; --4bit quantises once."""
+    progress = RichProgress(enabled=not as_json)
+    with progress.bar:
+        report = _guarded(lambda: api.fold(
+            adapter, base, out, four_bit=four_bit, blocksize=blocksize, compute_dtype=compute_dtype,
+            double_quant=double_quant, quant_storage=quant_storage, allow_pickle=allow_pickle,
+            overwrite=overwrite, progress=progress,
+        ))
+    if as_json:
+        _print_json(report)
+    else:
+        _fold_table(report["fold"])
 
 
 @app.command()
