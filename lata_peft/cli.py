@@ -278,6 +278,8 @@ def run(
             _print_json({**result.report, "out": str(result.out) if result.out else None})
         else:
             _summary_table(result)
+    elif isinstance(result, dict):
+        _print_json(result) if as_json else _fold_table(result["fold"])
     else:
         _print_json(result.to_dict())
 

@@ -2,7 +2,7 @@
 
 ```yaml
 # lata-peft run recipes/math_code_lata.yaml
-combine:                  # the verb: combine | inspect
+combine:                  # the verb: combine | inspect | fold
   adapters: [examples/adapters/math, examples/adapters/code]
   instruction: examples/adapters/instruct
   method: lata
@@ -34,7 +34,7 @@ NOT_IN_RECIPES = {"progress"}
 def _verbs() -> dict[str, Callable[..., Any]]:
     from . import api
 
-    return {"combine": api.combine, "inspect": api.inspect}
+    return {"combine": api.combine, "inspect": api.inspect, "fold": api.fold}
 
 
 def load_recipe(path: str | Path) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,175 @@
+"""Folding into the base: full precision == PEFT merge_and_unload; 4-bit == quantise(W + dW) once."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from conftest import make_adapter, peft_delta_weights, tiny_llama
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+import lata_peft
+from lata_peft.api import fold
+from lata_peft.cli import app
+from lata_peft.errors import LataError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory, base):
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    base.save_pretrained(folder, max_shard_size="20KB")
+    (folder / "tokenizer_config.json").write_text("{}")
+    return folder
+
+
+def test_full_precision_fold_matches_peft_merge_and_unload(tmp_path, base, adapters, sharded_base, tokens):
+    assert (sharded_base / "model.safetensors.index.json").is_file()
+    out = tmp_path / "folded"
+    result = runner.invoke(app, ["fold", str(adapters["patterns"]), "--base", str(sharded_base), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    folded = AutoModelForCausalLM.from_pretrained(out).eval()
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), str(adapters["patterns"])).merge_and_unload()
+    with torch.no_grad():
+        want, got = reference(tokens).logits, folded(tokens).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (out / "tokenizer_config.json").is_file() and (out / "lata_report.json").is_file()
+
+
+def test_combine_fold_into_matches_dense_sum(tmp_path, base, adapters, sharded_base, tokens):
+    out = tmp_path / "folded"
+    lata_peft.combine([adapters["plain"], adapters["rank8"]], out, weights=[0.5, 1.0], fold_into=sharded_base)
+    folded = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = copy.deepcopy(base)
+    parameters = dict(expected.named_parameters())
+    with torch.no_grad():
+        for coefficient, name in ((0.5, "plain"), (1.0, "rank8")):
+            for key, delta in peft_delta_weights(base, adapters[name]).items():
+                parameters[key].add_(coefficient * delta.float())
+        torch.testing.assert_close(folded(tokens).logits, expected(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- 4-bit
+
+QUANT = {"bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32, "bnb_4bit_use_double_quant": True}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A base whose widths are multiples of the NF4 block size (bitsandbytes' CPU kernels need it)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False)).eval()
+    root = tmp_path_factory.mktemp("wide")
+    model.save_pretrained(root / "base")
+    a = make_adapter(root / "a", model, 11, r=8, lora_alpha=16)
+    b = make_adapter(root / "b", model, 12, r=4, lora_alpha=8)
+    return model, root / "base", a, b
+
+
+def dequantized(linear) -> torch.Tensor:
+    return bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
+
+
+def test_four_bit_fold_quantises_once_and_beats_peft(tmp_path, wide):
+    model, base_dir, a, b = wide
+    out = tmp_path / "q4"
+    result = lata_peft.combine([a, b], out, fold_into=base_dir, four_bit=True)
+    assert result.report["fold"]["quantized_modules"] == 14
+    reloaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["load_in_4bit"] and config["bnb_4bit_quant_type"] == "nf4"
+
+    exact = {k: v.detach().float().clone() for k, v in model.named_parameters()}
+    for folder in (a, b):
+        for key, delta in peft_delta_weights(model, folder).items():
+            exact[key] += delta.float()
+
+    # PEFT's path: load the base in 4-bit, merge one adapter after the other (quantise 3 times)
+    peft_model = AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu",
+                                                      quantization_config=BitsAndBytesConfig(load_in_4bit=True, **QUANT))
+    for folder in (a, b):
+        peft_model = PeftModel.from_pretrained(peft_model, str(folder)).merge_and_unload()
+
+    ours_error = peft_error = 0.0
+    ours_modules = dict(reloaded.named_modules())
+    peft_modules = dict(peft_model.named_modules())
+    for key, target in exact.items():
+        module = key.removesuffix(".weight")
+        if not module.endswith("_proj"):
+            continue
+        assert type(ours_modules[module]).__name__ == "Linear4bit"
+        ours = dequantized(ours_modules[module])
+        once, state = bnbf.quantize_4bit(target, blocksize=64, compress_statistics=True, quant_type="nf4")
+        torch.testing.assert_close(ours, bnbf.dequantize_4bit(once, state).float())  # quantise(W + dW), once
+        ours_error += float((ours - target).square().sum())
+        peft_error += float((dequantized(peft_modules[module]) - target).square().sum())
+    assert ours_error < peft_error
+    reported = result.report["fold"]["total_relative_error_4bit_vs_full_precision"]
+    total = sum(float(v.square().sum()) for k, v in exact.items() if k.removesuffix(".weight").endswith("_proj"))
+    assert reported == pytest.approx((ours_error / total) ** 0.5, rel=1e-3)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_four_bit_base_is_dequantised_once(tmp_path, wide):
+    model, base_dir, a, _ = wide
+    quantized_base = tmp_path / "q4base"
+    AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, **QUANT)).save_pretrained(quantized_base)
+    out = tmp_path / "q4"
+    report = fold(a, quantized_base, out)
+    assert report["fold"]["four_bit"] is True
+    base4 = AutoModelForCausalLM.from_pretrained(quantized_base, device_map="cpu")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    deltas = peft_delta_weights(model, a)
+    name = "model.layers.0.self_attn.q_proj"
+    expected = dequantized(dict(base4.named_modules())[name]) + deltas[name + ".weight"].float()
+    once, state = bnbf.quantize_4bit(expected, blocksize=64, compress_statistics=True, quant_type="nf4")
+    torch.testing.assert_close(dequantized(dict(reloaded.named_modules())[name]), bnbf.dequantize_4bit(once, state))
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_fold_bad_inputs(tmp_path, adapters, sharded_base, wide, monkeypatch):
+    _, wide_base, wide_adapter, _ = wide
+    out = tmp_path / "out"
+
+    def refused(args, problem):
+        result = runner.invoke(app, ["fold", *args, "-o", str(out)])
+        assert result.exit_code == 2, result.output
+        assert problem in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert not out.exists()
+
+    refused([str(wide_adapter), "--base", str(sharded_base)], "not for this base model")
+    gptq = tmp_path / "gptq"
+    gptq.mkdir()
+    config = json.loads((sharded_base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(config))
+    (gptq / "model.safetensors").write_bytes(b"")
+    refused([str(adapters["plain"]), "--base", str(gptq)], "'gptq'")
+    refused([str(adapters["plain"]), "--base", str(tmp_path)], "no config.json")
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6, 10))
+    refused([str(adapters["plain"]), "--base", str(sharded_base)], "GB are free")
+
+
+def test_four_bit_needs_a_base(tmp_path, adapters):
+    with pytest.raises(LataError, match="--fold-into"):
+        lata_peft.combine([adapters["plain"]], tmp_path / "o", four_bit=True)
+
+
+def test_tiny_model_helper_is_deterministic():
+    assert torch.equal(tiny_llama().lm_head.weight, tiny_llama().lm_head.weight)
