@@ -93,8 +93,8 @@ def test_four_bit_fold_quantises_once_and_beats_peft(tmp_path, wide):
             exact[key] += delta.float()
 
     # PEFT's path: load the base in 4-bit, merge one adapter after the other (quantise 3 times)
-    peft_model = AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu",
-                                                      quantization_config=BitsAndBytesConfig(load_in_4bit=True, **QUANT))
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, **QUANT)
+    peft_model = AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", quantization_config=four_bit)
     for folder in (a, b):
         peft_model = PeftModel.from_pretrained(peft_model, str(folder)).merge_and_unload()
 
