@@ -140,7 +140,7 @@ def test_four_bit_base_is_dequantised_once(tmp_path, wide):
 
 
 def test_fold_bad_inputs(tmp_path, adapters, sharded_base, wide, monkeypatch):
-    _, wide_base, wide_adapter, _ = wide
+    wide_adapter = wide[2]
     out = tmp_path / "out"
 
     def refused(args, problem):
