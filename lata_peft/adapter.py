@@ -19,13 +19,12 @@ import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -84,6 +83,18 @@ class Adapter:
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
+    """The first pattern key that matches the end of ``key_to_match`` (PEFT's rule, else the key itself).
+
+    Same rule as ``peft.utils.other.get_pattern_key``, ``re.match(rf"(.*\.)?({key})$", module)``
+    (a test checks agreement); kept here so the CLI does not import peft to read a config.
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
 
 
 def resolve_adapter_path(source: str | os.PathLike[str]) -> Path:

@@ -52,7 +52,7 @@ def test_truncation_error_is_the_tail_of_the_singular_values(out, inp, rank, k, 
     result = truncate(x, rank=k)
     dense = dense64(x)
     S = torch.linalg.svdvals(dense)
-    kept = min(k, rank)
+    kept = min(k, rank, out, inp)
     assert result.delta.rank == kept
     residual = float((dense - dense64(result.delta)).norm())
     tail = float(S[kept:].square().sum().sqrt())
@@ -90,3 +90,17 @@ def test_factorize_dense_delta():
     S = torch.linalg.svdvals(x.dense().double())
     assert result.error == pytest.approx(float(S[2:].square().sum().sqrt()), rel=1e-4)
     assert factorize(x.dense()).delta.rank == 4  # numerical rank
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+     "transformer.h.0.attn.c_attn", "q_proj"],
+)
+def test_pattern_matching_follows_peft(module):
+    from peft.utils.other import get_pattern_key as peft_rule
+
+    from lata_peft.adapter import get_pattern_key
+
+    patterns = ["down_proj", "layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj", "h.0.attn.c_attn"]
+    assert get_pattern_key(patterns, module) == peft_rule(patterns, module)
