@@ -29,10 +29,11 @@ from .combine import Combination, RankPolicy
 from .combine import combine as combine_modules
 from .errors import LataError
 from .fold import FoldResult, QuantOptions, check_disk_space, fold_modules, resolve_base
+from .instruction import DenseInstruction
 from .layers import block_index
 from .lowrank import norm
 from .methods import METHODS
-from .scoring import score_layers
+from .scoring import score_layers, unit_of
 from .validate import check_compatible, check_output
 from .weighting import SCHEMES, LayerWeighting, layer_weights
 
@@ -92,7 +93,11 @@ def _per_input(values: Sequence[float] | None, count: int, flag: str) -> list[fl
 
 
 def _layer_table(
-    task: Adapter, instruction: Adapter, weighting: LayerWeighting, granularity: str, layer_regex: str | None
+    task: Adapter,
+    instruction: Adapter | DenseInstruction,
+    weighting: LayerWeighting,
+    granularity: str,
+    layer_regex: str | None,
 ) -> list[dict[str, Any]]:
     scores = score_layers(task, instruction, granularity, layer_regex)
     chosen = layer_weights([s.cosine for s in scores], weighting)
@@ -122,6 +127,7 @@ def combine(
     lam: float = 1.0,
     rank: str | int = "exact",
     instruction: str | Path | None = None,
+    instruction_from: Sequence[str | Path] | None = None,
     lata: bool = False,
     scheme: str = "linear",
     threshold: float = 0.95,
@@ -157,6 +163,8 @@ def combine(
         lam: global scale lambda.
         rank: ``exact``, a rank K, or ``energy:F``.
         instruction: the instruction adapter LATA scores layers against.
+        instruction_from: ``[BASE, INSTRUCT]`` model folders: the instruction vector is their
+            difference, read module by module (for task adapters trained on an instruct model).
         lata: apply LATA layer weights with a baseline method.
         scheme / threshold / low / high / normalize: LATA weighting (see ``weighting``).
         granularity: score per ``block`` or per ``module``.
@@ -184,8 +192,10 @@ def combine(
         raise LataError(f"--density {density}: expected 0 < density <= 1")
     if dtype is not None and dtype not in DTYPES:
         raise LataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if use_lata and instruction is None:
-        raise LataError("LATA needs an instruction adapter: pass --instruction I")
+    if use_lata and instruction is None and not instruction_from:
+        raise LataError("LATA needs an instruction vector: pass --instruction I or --instruction-from BASE INSTRUCT")
+    if instruction is not None and instruction_from:
+        raise LataError("give --instruction or --instruction-from, not both")
     if out is None and not dry_run:
         raise LataError("no output folder: pass -o OUT (or --dry-run)")
     if not adapters and not forget:
@@ -203,6 +213,7 @@ def combine(
     tasks = _load_all(sources, allow_pickle)
     instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
     check_compatible([*tasks, *([instruction_adapter] if instruction_adapter else [])], strict=strict)
+    instruction_vector = instruction_adapter or (_dense_instruction(instruction_from) if instruction_from else None)
     signs = [1.0] * len(adapters) + [-1.0] * len(forget)
     scales = _per_input(weights, len(adapters), "--weight") + _per_input(forget_weights, len(forget), "--forget-weight")
     labels = _labels(tasks)
@@ -210,8 +221,8 @@ def combine(
     tables: dict[str, list[dict[str, Any]]] = {}
     unit_weights: list[dict[tuple[int | None, str | None], float]] = []
     for label, task in zip(labels, tasks, strict=True):
-        if use_lata and instruction_adapter is not None:
-            table = _layer_table(task, instruction_adapter, weighting, granularity, layer_regex)
+        if use_lata and instruction_vector is not None:
+            table = _layer_table(task, instruction_vector, weighting, granularity, layer_regex)
             tables[label] = table
             unit_weights.append({(row["layer"], row["module"]): row["weight"] for row in table})
         else:
@@ -220,8 +231,7 @@ def combine(
     def coefficient(index: int, module: str) -> float:
         layer_weight = 1.0
         if use_lata:
-            unit = (block_index(module, layer_regex), module if granularity == "module" else None)
-            layer_weight = unit_weights[index].get(unit, 1.0)
+            layer_weight = unit_weights[index].get(unit_of(module, granularity, layer_regex), 1.0)
         return lam * signs[index] * scales[index] * layer_weight
 
     names = {name for task in tasks for name in task.modules}
@@ -234,7 +244,7 @@ def combine(
     out_dtype = DTYPES[dtype] if dtype else _common_dtype(tasks)
     seconds = time.perf_counter() - started
     report = _report(
-        tasks, labels, signs, scales, instruction_adapter, combination, tables, seconds,
+        tasks, labels, signs, scales, instruction_vector, combination, tables, seconds,
         options={
             "method": method, "lata": use_lata, "lambda": lam, "rank": str(policy),
             "scheme": scheme if use_lata else None, "threshold": threshold, "low": low, "high": high,
@@ -319,6 +329,12 @@ def fold(
     return report
 
 
+def _dense_instruction(paths: Sequence[str | Path]) -> DenseInstruction:
+    if len(paths) != 2:
+        raise LataError(f"--instruction-from takes two model folders (BASE INSTRUCT), got {len(paths)}")
+    return DenseInstruction(paths[0], paths[1])
+
+
 def _common_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
     dtypes = {a.dtype for a in adapters}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
@@ -329,7 +345,7 @@ def _report(
     labels: Sequence[str],
     signs: Sequence[float],
     scales: Sequence[float],
-    instruction: Adapter | None,
+    instruction: Adapter | DenseInstruction | None,
     combination: Combination,
     tables: dict[str, list[dict[str, Any]]],
     seconds: float,
@@ -347,11 +363,14 @@ def _report(
         }
         for label, task, sign, scale in zip(labels, tasks, signs, scales, strict=True)
     ]
-    if instruction is not None:
+    if isinstance(instruction, Adapter):
         inputs.append({
             "label": instruction.name, "path": str(instruction.path.resolve()), "role": "instruction",
             "weight": None, "base_model": instruction.base_model, "sha256": instruction.sha256,
         })
+    elif instruction is not None:
+        inputs.append({"label": instruction.name, "path": f"{instruction.instruct} - {instruction.base}",
+                       "role": "instruction", "weight": None, "base_model": None, "sha256": None})
     ranks = [r.rank for r in combination.reports]
     parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
     return {
@@ -377,6 +396,7 @@ def inspect(
     adapters: Sequence[str | Path],
     *,
     instruction: str | Path | None = None,
+    instruction_from: Sequence[str | Path] | None = None,
     scheme: str = "linear",
     threshold: float = 0.95,
     low: float = 0.0,
@@ -395,6 +415,7 @@ def inspect(
     tasks = _load_all(adapters, allow_pickle)
     instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
     check_compatible([*tasks, *([instruction_adapter] if instruction_adapter else [])])
+    instruction_vector = instruction_adapter or (_dense_instruction(instruction_from) if instruction_from else None)
     result = InspectResult()
     for label, task in zip(_labels(tasks), tasks, strict=True):
         modules = [
@@ -402,8 +423,8 @@ def inspect(
              "scale": m.delta.scale, "norm": norm(m.delta)}
             for name, m in task.modules.items()
         ]
-        if instruction_adapter is not None:
-            layers = _layer_table(task, instruction_adapter, weighting, granularity, layer_regex)
+        if instruction_vector is not None:
+            layers = _layer_table(task, instruction_vector, weighting, granularity, layer_regex)
         else:
             per_layer: dict[int | None, float] = {}
             for row in modules:

@@ -149,6 +149,8 @@ def combine(
     rank: Annotated[str, typer.Option(help="exact | K | energy:F")] = "exact",
     instruction: Annotated[str | None, typer.Option(help="Instruction adapter (LATA scores layers against it).")]
     = None,
+    instruction_from: Annotated[tuple[str, str] | None, typer.Option(
+        help="BASE INSTRUCT model folders: the instruction vector is their difference.")] = None,
     lata: Annotated[bool, typer.Option(help="Apply LATA layer weights with a baseline method.")] = False,
     scheme: Annotated[str, typer.Option(help="LATA scheme: linear | log | threshold")] = "linear",
     threshold: Annotated[float, typer.Option(help="Drop-with-Threshold: keep layers with cosine < T.")] = 0.95,
@@ -175,7 +177,8 @@ def combine(
     with progress.bar:
         result = _guarded(lambda: api.combine(
             adapters, out, forget=forget or (), method=method, weights=weight, forget_weights=forget_weight,
-            lam=lam, rank=rank, instruction=instruction, lata=lata, scheme=scheme, threshold=threshold, low=low,
+            lam=lam, rank=rank, instruction=instruction, instruction_from=instruction_from, lata=lata,
+            scheme=scheme, threshold=threshold, low=low,
             high=high, normalize=normalize, granularity=granularity, density=density, seed=seed,
             sign_method=sign_method, dtype=dtype, layer_regex=layer_regex, strict=strict,
             allow_pickle=allow_pickle, overwrite=overwrite, dry_run=dry_run, fold_into=fold_into,
@@ -191,6 +194,8 @@ def combine(
 def inspect(
     adapters: Annotated[list[str], typer.Argument(help="Adapters to inspect.")],
     instruction: Annotated[str | None, typer.Option(help="Instruction adapter to score layers against.")] = None,
+    instruction_from: Annotated[tuple[str, str] | None, typer.Option(
+        help="BASE INSTRUCT model folders: the instruction vector is their difference.")] = None,
     scheme: Annotated[str, typer.Option(help="LATA scheme for the weight column.")] = "linear",
     threshold: Annotated[float, typer.Option(help="Drop-with-Threshold threshold.")] = 0.95,
     normalize: Annotated[bool, typer.Option(help="Rescale LATA weights to mean 1.")] = False,
@@ -202,7 +207,8 @@ def inspect(
 ) -> None:
     """Per layer: norm, cosine with the instruction adapter, and the LATA weight of each scheme."""
     result = _guarded(lambda: api.inspect(
-        adapters, instruction=instruction, scheme=scheme, threshold=threshold, normalize=normalize,
+        adapters, instruction=instruction, instruction_from=instruction_from, scheme=scheme, threshold=threshold,
+        normalize=normalize,
         granularity=granularity, layer_regex=layer_regex, allow_pickle=allow_pickle, plot=plot,
     ))
     if as_json:
@@ -215,13 +221,14 @@ def inspect(
         table = Table()
         table.add_column("layer", justify="right")
         table.add_column("norm", justify="right")
-        if instruction:
+        scored = instruction is not None or instruction_from is not None
+        if scored:
             table.add_column("cosine", justify="right")
             for name in ("linear", "log", "threshold"):
                 table.add_column(name, justify="right")
         for row in adapter["layers"]:
             cells = [str(row["layer"]) if row["module"] is None else row["module"], f"{row['norm']:.4f}"]
-            if instruction:
+            if scored:
                 cells.append(f"{row['cosine']:+.3f}")
                 cells += [f"{row['weights'][n]:.2f}" for n in ("linear", "log", "threshold")]
             table.add_row(*cells)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .adapter import Adapter
+from .instruction import DenseInstruction, inner_dense
 from .layers import block_index, group_by_block
 from .lowrank import inner
 
@@ -44,14 +45,44 @@ def _score(task: Adapter, instruction: Adapter, names: list[str], instruction_na
     return task_norm, instruction_norm, cosine
 
 
+def _score_dense(task: Adapter, instruction: DenseInstruction, names: list[str]) -> tuple[float, ...]:
+    """As :func:`_score`, the instruction side dense (two full models), read one module at a time."""
+    dot = task_sq = instruction_sq = 0.0
+    for name in names:
+        delta = task.modules[name].delta
+        dense = instruction.delta(name, delta.shape)
+        dot += inner_dense(delta, dense)
+        task_sq += inner(delta, delta)
+        instruction_sq += float(dense.square().sum())
+    task_norm, instruction_norm = task_sq**0.5, instruction_sq**0.5
+    cosine = dot / (task_norm * instruction_norm) if task_norm and instruction_norm else 0.0
+    return task_norm, instruction_norm, cosine
+
+
 def score_layers(
-    task: Adapter, instruction: Adapter, granularity: str = "block", layer_regex: str | None = None
+    task: Adapter,
+    instruction: Adapter | DenseInstruction,
+    granularity: str = "block",
+    layer_regex: str | None = None,
 ) -> list[LayerScore]:
     """Cosine of ``task`` with ``instruction`` per block (or per module), in block order.
 
-    Modules outside the blocks (embeddings, heads) are not scored.
+    ``instruction`` is an adapter, or a :class:`DenseInstruction` (instruct minus base
+    model), of which only the modules the task adapter targets are read. Modules outside
+    the blocks (embeddings, heads) are not scored.
     """
     task_blocks = group_by_block(task.modules, layer_regex)
+    if isinstance(instruction, DenseInstruction):
+        scores = []
+        for layer, names in task_blocks.items():
+            if layer is None:
+                continue
+            units = [[name] for name in names] if granularity == "module" else [names]
+            for unit in units:
+                task_norm, instruction_norm, cosine = _score_dense(task, instruction, unit)
+                module = unit[0] if granularity == "module" else None
+                scores.append(LayerScore(layer, module, task_norm, instruction_norm, cosine))
+        return scores
     instruction_blocks = group_by_block(instruction.modules, layer_regex)
     scores: list[LayerScore] = []
     for layer, names in task_blocks.items():
@@ -67,7 +98,8 @@ def score_layers(
     return scores
 
 
+
 def unit_of(module: str, granularity: str, layer_regex: str | None = None) -> tuple[int | None, str | None]:
-    """The scoring unit a module belongs to: ``(block, None)`` or ``(block, module)``."""
+    """The scoring unit a module belongs to: ``(block, None)`` or, per module, ``(block, module)``."""
     layer = block_index(module, layer_regex)
     return (layer, module) if granularity == "module" else (layer, None)

@@ -125,3 +125,33 @@ def test_baseline_with_lata_weights(tmp_path, adapters):
     assert coefficients["model.layers.0.self_attn.q_proj"] == [1.0]  # the task adapter dropped in block 0
     assert len(coefficients["model.layers.3.self_attn.q_proj"]) == 2  # and kept in block 3
     assert result.report["lata"] is True and result.report["method"] == "ties"
+
+
+def test_instruction_from_two_full_models(tmp_path, base, adapters):
+    """Instruction vector = instruct model - base model, read per module; cosines equal dense ones."""
+    base_dir, instruct_dir = tmp_path / "base", tmp_path / "instruct"
+    base.save_pretrained(base_dir)
+    instruct = copy.deepcopy(base)
+    instruction_delta = peft_delta_weights(base, adapters["instruct"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in instruct.named_parameters():
+            if name in instruction_delta:  # blocks 0-1 follow the instruction adapter, the rest is noise
+                noise = torch.randn(parameter.shape, generator=g) * 0.05
+                parameter.add_(instruction_delta[name].float() if ".layers.0." in name or ".layers.1." in name
+                               else noise)
+    instruct.save_pretrained(instruct_dir, max_shard_size="30KB")
+    task = constructed_task(tmp_path, adapters["instruct"], 3, "task")
+    scores = score_layers(load_adapter(task), __import__("lata_peft.instruction", fromlist=["x"]).DenseInstruction(
+        base_dir, instruct_dir))
+    t = peft_delta_weights(base, task)
+    for s in scores:
+        names = sorted(n for n in t if f".layers.{s.layer}." in n)
+        tv = torch.cat([t[n].flatten() for n in names])
+        iv = torch.cat([(dict(instruct.named_parameters())[n] - dict(base.named_parameters())[n]).detach()
+                        .double().flatten() for n in names])
+        assert s.cosine == pytest.approx(float(tv @ iv / (tv.norm() * iv.norm())), abs=1e-6)
+    result = lata_peft.combine([task], tmp_path / "out", method="lata", instruction_from=[base_dir, instruct_dir],
+                               scheme="threshold", threshold=0.9)
+    weights = {r["layer"]: r["weight"] for r in result.layer_weights["task"]}
+    assert weights == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}

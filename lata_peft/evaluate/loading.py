@@ -1,0 +1,127 @@
+"""Loading the model to evaluate: a local transformers folder (optionally 4-bit NF4), a PEFT
+adapter on top (``PeftModel.from_pretrained``), and its tokenizer set up for batching."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LataError
+
+PathLike = str | os.PathLike[str]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (inputs go there)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def max_positions(model: torch.nn.Module, cap: int | None = None) -> int | None:
+    """``config.max_position_embeddings`` (or ``n_positions``), capped at ``cap``; ``None`` if unknown."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if value is None:
+        return cap
+    return int(value) if cap is None else min(int(value), cap)
+
+
+def _folder(source: PathLike, what: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise LataError(f"{path}: {what} folder not found (evaluation loads local folders only)")
+    return path
+
+
+def load_tokenizer(source: PathLike) -> Any:
+    """``AutoTokenizer.from_pretrained`` of a local folder, as a ``LataError`` if that fails."""
+    from transformers import AutoTokenizer
+
+    path = _folder(source, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise LataError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Make ``tokenizer`` batch-ready: a pad token (the EOS token when it has none)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LataError(f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: PathLike, *, four_bit: bool = False, device: torch.device | str | None = None, dtype: str | None = None
+) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` from a local folder, in eval mode.
+
+    ``four_bit`` quantizes the linear layers with bitsandbytes NF4 (``BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4")``, double quantization, compute in ``dtype``); it runs on the CPU with
+    bitsandbytes >= 0.45. ``dtype`` defaults to float32 on the CPU and to the checkpoint's dtype on a GPU.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = _folder(source, "model")
+    if not (path / "config.json").is_file():
+        raise LataError(f"{path}: not a transformers model folder (no config.json)")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is not None and dtype not in DTYPES:
+        raise LataError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    torch_dtype: Any = DTYPES[dtype] if dtype else (torch.float32 if device.type == "cpu" else "auto")
+    options: dict[str, Any] = {"dtype": torch_dtype}
+    if four_bit:
+        compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.bfloat16
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        options["device_map"] = {"": str(device)}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **options)
+    except Exception as exc:
+        raise LataError(f"{path}: cannot load the model ({type(exc).__name__}: {exc})") from None
+    if not four_bit:
+        model.to(device)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def with_adapter(model: torch.nn.Module, adapter: PathLike | None, *, restore: bool) -> Iterator[torch.nn.Module]:
+    """``model`` with the PEFT adapter folder ``adapter`` applied (``PeftModel.from_pretrained``).
+
+    With ``restore`` (a model object the caller owns) the adapter layers are removed again on
+    exit (``PeftModel.unload``), leaving the caller's model as it was.
+    """
+    if adapter is None:
+        yield model
+        return
+    from peft import PeftModel
+
+    path = _folder(adapter, "adapter")
+    if not (path / "adapter_config.json").is_file():
+        raise LataError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except Exception as exc:
+        raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {exc})") from None
+    wrapped.eval()
+    try:
+        yield wrapped
+    finally:
+        if restore:
+            wrapped.unload()
