@@ -36,6 +36,7 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 REPORT_NAME = "lata_report.json"
 KEY_PREFIX = "base_model.model."
+BASE_LAYER_SUFFIX = ".base_layer.weight"  # embedding weights PEFT saves when it targets embeddings
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
@@ -72,6 +73,8 @@ class Adapter:
     modules: dict[str, LoraModule]
     dtype: torch.dtype
     sha256: dict[str, str] = field(default_factory=dict)
+    base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Full base weights PEFT saved beside the factors (``save_embedding_layers``): carried through."""
 
     @property
     def name(self) -> str:
@@ -274,11 +277,12 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     folder = resolve_adapter_path(source)
     config = read_config(folder)
     tensors, weights_path = read_tensors(folder, allow_pickle)
+    base_layers = {key: tensors.pop(key) for key in list(tensors) if key.endswith(BASE_LAYER_SUFFIX)}
     modules = parse_modules(config, tensors, weights_path)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     fingerprint = {CONFIG_NAME: _sha256(folder / CONFIG_NAME), weights_path.name: _sha256(weights_path)}
-    return Adapter(folder, config, modules, dtype, fingerprint)
+    return Adapter(folder, config, modules, dtype, fingerprint, base_layers)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -324,16 +328,30 @@ def adapter_tensors(modules: dict[str, LoraModule], dtype: torch.dtype) -> dict[
     return tensors
 
 
+def shared_base_layers(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """The union of the inputs' saved base layers; the same key must hold the same tensor everywhere."""
+    merged: dict[str, tuple[Adapter, torch.Tensor]] = {}
+    for adapter in adapters:
+        for key, tensor in adapter.base_layers.items():
+            if key in merged and not torch.equal(merged[key][1], tensor):
+                raise LataError(f"{adapter.path}: its saved {key} differs from the one in {merged[key][0].path} "
+                                "(resized vocabularies?); these adapters can't share one output")
+            merged.setdefault(key, (adapter, tensor))
+    return {key: tensor for key, (_, tensor) in merged.items()}
+
+
 def save_adapter_files(
     folder: Path,
     modules: dict[str, LoraModule],
     config: dict[str, Any],
     dtype: torch.dtype,
     report: dict[str, Any] | None = None,
+    base_layers: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the report into ``folder``."""
     metadata = {"format": "pt", "producer": "lata-peft"}
-    save_file(adapter_tensors(modules, dtype), folder / SAFETENSORS_NAME, metadata=metadata)
+    tensors = {**adapter_tensors(modules, dtype), **(base_layers or {})}
+    save_file(tensors, folder / SAFETENSORS_NAME, metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if report is not None:
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

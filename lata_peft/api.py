@@ -23,6 +23,7 @@ from .adapter import (
     load_adapter,
     output_config,
     save_adapter_files,
+    shared_base_layers,
     write_atomically,
 )
 from .combine import Combination, RankPolicy
@@ -257,9 +258,10 @@ def combine(
                                     overwrite, progress)
     elif target is not None and not dry_run:
         config = output_config(tasks, combination.modules)
+        base_layers = shared_base_layers(tasks)
         write_atomically(
             target,
-            lambda folder: save_adapter_files(folder, combination.modules, config, out_dtype, report),
+            lambda folder: save_adapter_files(folder, combination.modules, config, out_dtype, report, base_layers),
             overwrite=overwrite,
         )
     return CombineResult(None if dry_run else target, combination, tables, report, seconds)

@@ -3,7 +3,7 @@
 Everything here is exact and costs O((out + in) r^2), never O(out * in * r):
 the dense ``B @ A`` is only formed by :meth:`LowRank.dense`, which tests and the
 element-wise methods (TIES, DARE, magnitude) use one module at a time.
-Maths: ``docs/MATHS.md`` and DESIGN.md section 3.
+Maths: README ("What it does") and the docstrings below.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, base: LlamaForCausalLM) -
         ),
         "attention_only": make_adapter(root / "attention_only", base, 5, target_modules=["q_proj", "v_proj"]),
         "instruct": make_adapter(root / "instruct", base, 6),
+        "embedding": make_adapter(root / "embedding", base, 7, target_modules=["embed_tokens", "q_proj", "down_proj"]),
+        "some_layers": make_adapter(root / "some_layers", base, 8, r=2, layers_to_transform=[1, 2]),
     }
 
 

@@ -33,6 +33,7 @@ def expected_logits(base, tokens, terms):
         (["plain", "rank8"], [1.0, 0.5], [], 1.0),  # mixed ranks and alphas
         (["rslora", "patterns"], [0.7, 1.3], [], 1.0),  # rsLoRA, rank_pattern, alpha_pattern
         (["plain", "attention_only"], None, ["patterns"], 0.8),  # different target modules, forgetting
+        (["embedding", "some_layers"], [1.0, 2.0], ["plain"], 1.0),  # embedding LoRA, layers_to_transform
     ],
 )
 def test_exact_combination_matches_dense_sum(tmp_path, base, adapters, tokens, tasks, weights, forget, lam):
@@ -138,3 +139,21 @@ def test_inputs_are_not_modified(tmp_path, adapters):
     lata_peft.combine([adapters["plain"], adapters["rank8"]], tmp_path / "o", forget=[adapters["patterns"]],
                       method="ties", rank=4)
     assert {k: digest(v) for k, v in adapters.items()} == before
+
+
+def test_gpt2_fan_in_fan_out_conv1d(tmp_path):
+    """GPT-2's Conv1D stores weights transposed (fan_in_fan_out); the combination must follow."""
+    from conftest import make_adapter
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    a = make_adapter(tmp_path / "a", gpt2, 1, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    b = make_adapter(tmp_path / "b", gpt2, 2, r=3, target_modules=["c_attn"], fan_in_fan_out=True)
+    out = tmp_path / "out"
+    lata_peft.combine([a, b], out, weights=[1.0, -0.5])
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    want = expected_logits(gpt2, tokens, [(1.0, a), (-0.5, b)])
+    got = logits_with_adapter(gpt2, out, tokens)
+    assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max())
