@@ -214,3 +214,20 @@ def test_interrupted_write_leaves_nothing(tmp_path, adapters, monkeypatch):
         lata_peft.combine([adapters["plain"]], out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_offline_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = assert_refused(tmp_path, ["some-user/some-lora"], "some-user/some-lora")
+    assert "Hugging Face hub" in message
+
+
+def test_combining_adapters_whose_saved_embeddings_differ(tmp_path, adapters):
+    other = copy_adapter(adapters["embedding"], tmp_path / "resized")
+
+    def resize(tensors):
+        key = next(k for k in tensors if k.endswith("base_layer.weight"))
+        tensors[key] = tensors[key] + 1.0
+
+    edit_tensors(other, resize)
+    assert_refused(tmp_path, [str(adapters["embedding"]), str(other)], "base_layer.weight")
