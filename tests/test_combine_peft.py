@@ -157,3 +157,49 @@ def test_gpt2_fan_in_fan_out_conv1d(tmp_path):
     want = expected_logits(gpt2, tokens, [(1.0, a), (-0.5, b)])
     got = logits_with_adapter(gpt2, out, tokens)
     assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max())
+
+
+class TinyConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(
+            [torch.nn.Sequential(torch.nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), torch.nn.ReLU())
+             for i in range(2)]
+        )
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_conv2d_lora(tmp_path):
+    """Conv LoRA (A: (r, in, kh, kw), B: (out, r, 1, 1)) combines exactly and loads back in PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = TinyConvNet().eval()
+    folders = []
+    for seed, rank in ((1, 2), (2, 3)):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=4, target_modules=r"blocks\.\d\.0", init_lora_weights=False)
+        model = get_peft_model(copy.deepcopy(net), config)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.1)
+        model.save_pretrained(tmp_path / f"conv{seed}")
+        folders.append(tmp_path / f"conv{seed}")
+    out = tmp_path / "out"
+    lata_peft.combine(folders, out, weights=[0.5, 1.5])
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    expected = copy.deepcopy(net)
+    parameters = dict(expected.named_parameters())
+    with torch.no_grad():
+        for coefficient, folder in zip((0.5, 1.5), folders, strict=True):
+            merged = PeftModel.from_pretrained(copy.deepcopy(net), str(folder)).merge_and_unload()
+            for name, parameter in merged.named_parameters():
+                parameters[name].add_(coefficient * (parameter - dict(net.named_parameters())[name]))
+        got = PeftModel.from_pretrained(copy.deepcopy(net), str(out))(x)
+        torch.testing.assert_close(got, expected(x), rtol=1e-5, atol=1e-5)
