@@ -6,7 +6,6 @@ weights) -> combine factored or per module -> write atomically with a report.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import time
 from collections.abc import Sequence
@@ -17,15 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from . import __version__
-from .adapter import (
-    REPORT_NAME,
-    Adapter,
-    load_adapter,
-    output_config,
-    save_adapter_files,
-    shared_base_layers,
-    write_atomically,
-)
+from .adapter import REPORT_NAME, Adapter, load_adapter
 from .combine import Combination, RankPolicy
 from .combine import combine as combine_modules
 from .errors import LataError
@@ -34,9 +25,11 @@ from .instruction import DenseInstruction
 from .layers import block_index
 from .lowrank import norm
 from .methods import METHODS
-from .scoring import score_layers, unit_of
+from .report import build_report, layer_table, now
+from .scoring import unit_of
 from .validate import check_compatible, check_output
-from .weighting import SCHEMES, LayerWeighting, layer_weights
+from .weighting import LayerWeighting
+from .writing import output_config, save_adapter_files, shared_base_layers, write_atomically
 
 __all__ = ["CombineResult", "FoldResult", "InspectResult", "combine", "fold", "inspect"]
 
@@ -91,26 +84,6 @@ def _per_input(values: Sequence[float] | None, count: int, flag: str) -> list[fl
     if len(values) != count:
         raise LataError(f"{flag}: got {len(values)} values for {count} adapters")
     return [float(v) for v in values]
-
-
-def _layer_table(
-    task: Adapter,
-    instruction: Adapter | DenseInstruction,
-    weighting: LayerWeighting,
-    granularity: str,
-    layer_regex: str | None,
-) -> list[dict[str, Any]]:
-    scores = score_layers(task, instruction, granularity, layer_regex)
-    chosen = layer_weights([s.cosine for s in scores], weighting)
-    every = {
-        name: layer_weights([s.cosine for s in scores], LayerWeighting(
-            name, weighting.low, weighting.high, weighting.threshold, weighting.normalize))
-        for name in SCHEMES
-    }
-    return [
-        {**s.to_dict(), "weight": chosen[i], "weights": {name: every[name][i] for name in SCHEMES}}
-        for i, s in enumerate(scores)
-    ]
 
 
 def _load_all(sources: Sequence[str | Path], allow_pickle: bool) -> list[Adapter]:
@@ -223,7 +196,7 @@ def combine(
     unit_weights: list[dict[tuple[int | None, str | None], float]] = []
     for label, task in zip(labels, tasks, strict=True):
         if use_lata and instruction_vector is not None:
-            table = _layer_table(task, instruction_vector, weighting, granularity, layer_regex)
+            table = layer_table(task, instruction_vector, weighting, granularity, layer_regex)
             tables[label] = table
             unit_weights.append({(row["layer"], row["module"]): row["weight"] for row in table})
         else:
@@ -244,7 +217,7 @@ def combine(
     )
     out_dtype = DTYPES[dtype] if dtype else _common_dtype(tasks)
     seconds = time.perf_counter() - started
-    report = _report(
+    report = build_report(
         tasks, labels, signs, scales, instruction_vector, combination, tables, seconds,
         options={
             "method": method, "lata": use_lata, "lambda": lam, "rank": str(policy),
@@ -320,7 +293,7 @@ def fold(
     loaded = load_adapter(adapter, allow_pickle=allow_pickle)
     report: dict[str, Any] = {
         "lata_peft_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
         "method": "fold",
         "inputs": [{"label": loaded.name, "path": str(loaded.path.resolve()), "role": "adapter",
                     "base_model": loaded.base_model, "sha256": loaded.sha256}],
@@ -340,58 +313,6 @@ def _dense_instruction(paths: Sequence[str | Path]) -> DenseInstruction:
 def _common_dtype(adapters: Sequence[Adapter]) -> torch.dtype:
     dtypes = {a.dtype for a in adapters}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _report(
-    tasks: Sequence[Adapter],
-    labels: Sequence[str],
-    signs: Sequence[float],
-    scales: Sequence[float],
-    instruction: Adapter | DenseInstruction | None,
-    combination: Combination,
-    tables: dict[str, list[dict[str, Any]]],
-    seconds: float,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    """``lata_report.json``: provenance (paths, sha256), options, layer weights, per-module errors."""
-    inputs = [
-        {
-            "label": label,
-            "path": str(task.path.resolve()),
-            "role": "task" if sign > 0 else "forget",
-            "weight": scale,
-            "base_model": task.base_model,
-            "sha256": task.sha256,
-        }
-        for label, task, sign, scale in zip(labels, tasks, signs, scales, strict=True)
-    ]
-    if isinstance(instruction, Adapter):
-        inputs.append({
-            "label": instruction.name, "path": str(instruction.path.resolve()), "role": "instruction",
-            "weight": None, "base_model": instruction.base_model, "sha256": instruction.sha256,
-        })
-    elif instruction is not None:
-        inputs.append({"label": instruction.name, "path": f"{instruction.instruct} - {instruction.base}",
-                       "role": "instruction", "weight": None, "base_model": None, "sha256": None})
-    ranks = [r.rank for r in combination.reports]
-    parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
-    return {
-        "lata_peft_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **options,
-        "inputs": inputs,
-        "layer_weights": tables,
-        "summary": {
-            "modules": len(combination.modules),
-            "parameters": parameters,
-            "min_rank": min(ranks),
-            "max_rank": max(ranks),
-            "max_error": max(r.error for r in combination.reports),
-            "max_relative_error": combination.max_relative_error,
-            "seconds": round(seconds, 3),
-        },
-        "modules": [r.to_dict() for r in combination.reports],
-    }
 
 
 def inspect(
@@ -426,7 +347,7 @@ def inspect(
             for name, m in task.modules.items()
         ]
         if instruction_vector is not None:
-            layers = _layer_table(task, instruction_vector, weighting, granularity, layer_regex)
+            layers = layer_table(task, instruction_vector, weighting, granularity, layer_regex)
         else:
             per_layer: dict[int | None, float] = {}
             for row in modules:

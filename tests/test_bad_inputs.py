@@ -201,7 +201,7 @@ def test_bad_options(tmp_path, adapters):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, adapters, monkeypatch):
-    import lata_peft.adapter as adapter_io
+    import lata_peft.writing as adapter_io
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt

@@ -1,0 +1,147 @@
+"""Writing PEFT adapter folders: tensors in PEFT's layout, a config true to what was written,
+the report, all atomically (a temporary sibling folder, then one rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .adapter import CONFIG_NAME, KEY_PREFIX, REPORT_NAME, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
+from .errors import LataError
+
+__all__ = ["output_config", "save_adapter_files", "shared_base_layers", "write_atomically"]
+
+
+def write_atomically(out: Path, fill: Callable[[Path], None], overwrite: bool = False) -> None:
+    """Build the folder ``out`` in a temporary sibling, then rename it into place.
+
+    An interrupted run leaves no half-written ``out``; an existing ``out`` is replaced
+    only with ``overwrite`` and only once the new folder is complete.
+    """
+    out = out.expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise LataError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        fill(staging)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def adapter_tensors(modules: dict[str, LoraModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT state-dict tensors (``base_model.model.<module>.lora_A.weight`` ...) in ``dtype``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in sorted(modules.items()):
+        B_w, A_w = module.delta.balanced()
+        lora_A, lora_B = peft_tensors(module, B_w, A_w)
+        if module.kind == "embedding":
+            a_key, b_key = f"{KEY_PREFIX}{name}.lora_embedding_A", f"{KEY_PREFIX}{name}.lora_embedding_B"
+        else:
+            a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
+        tensors[a_key] = lora_A.to(dtype).contiguous()
+        tensors[b_key] = lora_B.to(dtype).contiguous()
+    return tensors
+
+
+def shared_base_layers(adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """The union of the inputs' saved base layers; the same key must hold the same tensor everywhere."""
+    merged: dict[str, tuple[Adapter, torch.Tensor]] = {}
+    for adapter in adapters:
+        for key, tensor in adapter.base_layers.items():
+            if key in merged and not torch.equal(merged[key][1], tensor):
+                raise LataError(f"{adapter.path}: its saved {key} differs from the one in {merged[key][0].path} "
+                                "(resized vocabularies?); these adapters can't share one output")
+            merged.setdefault(key, (adapter, tensor))
+    return {key: tensor for key, (_, tensor) in merged.items()}
+
+
+def save_adapter_files(
+    folder: Path,
+    modules: dict[str, LoraModule],
+    config: dict[str, Any],
+    dtype: torch.dtype,
+    report: dict[str, Any] | None = None,
+    base_layers: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the report into ``folder``."""
+    metadata = {"format": "pt", "producer": "lata-peft"}
+    tensors = {**adapter_tensors(modules, dtype), **(base_layers or {})}
+    save_file(tensors, folder / SAFETENSORS_NAME, metadata=metadata)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if report is not None:
+        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def output_config(adapters: list[Adapter], modules: dict[str, LoraModule]) -> dict[str, Any]:
+    """The ``adapter_config.json`` for what is written, never a copy of an input's.
+
+    Factors carry their scale, so every module has ``alpha == r`` (scale 1): ``r`` and
+    ``lora_alpha`` are the most common rank, ``rank_pattern`` / ``alpha_pattern`` list the
+    modules of other ranks by full name. ``target_modules`` is the list of module suffixes
+    when the inputs target by suffix and every input module is written; otherwise a regex
+    that matches exactly the written modules (PEFT ``fullmatch``es a string).
+    """
+    from peft import LoraConfig
+
+    ranks = {name: module.delta.rank for name, module in modules.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {name: rank for name, rank in ranks.items() if rank != common}
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    inputs_cover = {name for a in adapters for name in a.modules} == set(modules)
+    by_suffix = all(_targets_by_suffix(a) and a.config.get("layers_to_transform") is None for a in adapters)
+    if inputs_cover and by_suffix:
+        target_modules: list[str] | str = suffixes
+    else:
+        target_modules = "^(?:" + "|".join(re.escape(name) for name in sorted(modules)) + ")$"
+    first = adapters[0].config
+    config = LoraConfig(
+        r=common,
+        lora_alpha=common,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=target_modules,
+        fan_in_fan_out=bool(first.get("fan_in_fan_out", False)),
+        lora_dropout=0.0,
+        bias="none",
+        use_rslora=False,
+        task_type=first.get("task_type"),
+        inference_mode=True,
+    )
+    config.base_model_name_or_path = adapters[0].base_model
+    return _json_ready(config.to_dict())
+
+
+def _targets_by_suffix(adapter: Adapter) -> bool:
+    """True when the adapter's own ``target_modules`` is a list of names (not a regex)."""
+    return isinstance(adapter.config.get("target_modules"), list)
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [_json_ready(v) for v in value]
+        return sorted(items) if isinstance(value, set) else items
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return value.value  # enums such as TaskType / PeftType
+    return value
