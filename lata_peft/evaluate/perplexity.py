@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from .loading import max_positions, model_device
 from .progress import Progress, batches, tracked
@@ -80,12 +80,15 @@ def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, i
 
 
 def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL and scored-token counts of next-token predictions (shifted labels)."""
-    logits = logits[:, :-1].float()
+    """Per-row summed NLL and scored-token counts of next-token predictions (shifted labels):
+    ``sum_t -log softmax(logits[t])[labels[t + 1]]`` over ``labels[t + 1] != -100``, in float32,
+    one row at a time to bound the temporary memory."""
     targets = labels[:, 1:]
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                             reduction="none").view(targets.shape)
-    return losses.sum(dim=1), (targets != IGNORE).sum(dim=1)
+    totals = torch.stack([
+        functional.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=IGNORE, reduction="sum")
+        for row in range(logits.size(0))
+    ])
+    return totals, (targets != IGNORE).sum(dim=1)
 
 
 @torch.no_grad()
@@ -110,8 +113,7 @@ def sliding_window_nll(
     groups: list[list[tuple[int, int, int]]] = []
     for span in spans:
         last = groups[-1] if groups else None
-        same = last and len(last) < batch_size and last[0][1] - last[0][0] == span[1] - span[0] and last[0][2] == span[2]
-        if same:
+        if last and len(last) < batch_size and (last[0][1] - last[0][0], last[0][2]) == (span[1] - span[0], span[2]):
             last.append(span)
         else:
             groups.append([span])
@@ -122,10 +124,26 @@ def sliding_window_nll(
         target = group[0][2]
         labels = chunk.clone()
         labels[:, : chunk.size(1) - target] = IGNORE
-        total, count = _summed_nll(model(input_ids=chunk).logits, labels)
+        # Positions before the first scored label only feed context: drop their logits early.
+        keep = max(chunk.size(1) - target - 1, 0)
+        total, count = _summed_nll(model(input_ids=chunk).logits[:, keep:], labels[:, keep:])
         result.total += float(total.sum())
         result.tokens += int(count.sum())
     return result
+
+
+def encode_text(tokenizer: Any, text: str, limit: int | None = None, margin: int = 16) -> torch.Tensor:
+    """``text`` tokenized once (with the tokenizer's special tokens), as a 1-D tensor; with ``limit``, its
+    first ``limit`` tokens. Then only a prefix of the text is tokenized, grown until it yields ``margin``
+    tokens more than needed, so that the kept tokens do not depend on where the prefix was cut."""
+    if limit is None:
+        return tokenizer(text, return_tensors="pt").input_ids[0]
+    chars = 8 * (limit + margin)
+    while True:
+        ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
+        if len(ids) >= limit + margin or chars >= len(text):
+            return ids[:limit]
+        chars *= 2
 
 
 def text_perplexity(
@@ -143,9 +161,7 @@ def text_perplexity(
 
     Returns ``{"perplexity", "nll", "tokens", "scored_tokens", "max_length", "stride"}``.
     """
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if limit is not None:
-        ids = ids[:limit]
+    ids = encode_text(tokenizer, text, limit)
     max_length = max_length or max_positions(model, DEFAULT_MAX_LENGTH) or DEFAULT_MAX_LENGTH
     stride = stride or max(1, max_length // 2)
     nll = sliding_window_nll(model, ids, max_length=max_length, stride=stride, batch_size=batch_size,
@@ -185,7 +201,7 @@ def answer_nll(
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     max_length = max_length or max_positions(model)
-    encoded = [encode_pair(tokenizer, p, a, max_length) for p, a in zip(prompts, answers)]
+    encoded = [encode_pair(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
