@@ -265,6 +265,61 @@ def fold(
         _fold_table(report["fold"])
 
 
+@app.command("eval")
+def evaluate_command(
+    model: Annotated[str, typer.Argument(help="transformers model folder (the base).")],
+    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | gsm8k | humaneval | ppl:FILE (repeatable).")],
+    adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder applied to the model.")] = None,
+    fold: Annotated[list[str] | None, typer.Option(
+        "--fold", help="Adapters combined (TA) and folded into the model in memory before evaluating.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Examples (gsm8k, humaneval) or tokens (perplexity).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length (gsm8k 256, humaneval 512).")] = None,
+    shots: Annotated[int, typer.Option(help="GSM8K few-shot examples from the train split.")] = 0,
+    num_samples: Annotated[int, typer.Option(help="HumanEval samples per problem (pass@k).")] = 1,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --num-samples > 1).")] = 0.0,
+    four_bit: Annotated[bool, typer.Option("--4bit", help="Load the model in bitsandbytes NF4.")] = False,
+    data: Annotated[Path | None, typer.Option(help="Data file or folder (default: ../shared/data).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Evaluate a model (with an adapter): WikiText-2 perplexity, GSM8K exact match, HumanEval pass@k."""
+    from .evaluate import evaluate
+
+    progress = RichProgress(enabled=not as_json)
+    results = []
+    with progress.bar:
+        source: Any = _guarded(lambda: _combined_in_memory(model, fold)) if fold else model
+        for name in task:
+            results.append(_guarded(lambda name=name: evaluate(
+                source, name, adapter=None if fold else adapter, tokenizer=model if fold else None, limit=limit,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, four_bit=four_bit, shots=shots,
+                num_samples=num_samples, temperature=temperature, data=data, progress=progress)))
+    if as_json:
+        _print_json(results if len(results) > 1 else results[0])
+        return
+    table = Table(title="lata-peft eval", title_justify="left")
+    for column in ("task", "metric", "value", "n", "seconds"):
+        table.add_column(column, justify="right" if column != "task" else "left")
+    for result in results:
+        for metric, value in result["metrics"].items():
+            table.add_row(result["task"], metric, f"{value:.4f}" if isinstance(value, float) else str(value),
+                          str(result["n"]), f"{result['seconds']:.1f}")
+    out_console.print(table)
+
+
+def _combined_in_memory(model: str, adapters: list[str]) -> Any:
+    """The model with the exact sum of ``adapters`` merged into its weights (PEFT merge of our output)."""
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as scratch:
+        api.combine(adapters, Path(scratch) / "sum")
+        base = AutoModelForCausalLM.from_pretrained(model)
+        return PeftModel.from_pretrained(base, str(Path(scratch) / "sum")).merge_and_unload().eval()
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe (one API call).")],

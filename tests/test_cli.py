@@ -105,3 +105,24 @@ def test_recipe_runs(tmp_path, adapters):
     recipe.write_text(yaml.safe_dump({"combine": {"adapters": ["x"], "lamda": 1}}))
     result = runner.invoke(app, ["run", str(recipe)])
     assert result.exit_code == 2 and "lamda" in result.output and str(recipe) in result.output
+
+
+def test_eval_command_on_a_tiny_model(tmp_path, base, adapters):
+    """``lata-peft eval`` with --adapter and with --fold gives the same perplexity (same weights)."""
+    from test_evaluate import tiny_tokenizer
+
+    folder = tmp_path / "model"
+    base.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    args = ["eval", str(folder), "--task", f"ppl:{text}", "--json"]
+    with_adapter = runner.invoke(app, [*args, "--adapter", str(adapters["plain"])])
+    folded = runner.invoke(app, [*args, "--fold", str(adapters["plain"])])
+    plain = runner.invoke(app, args)
+    assert with_adapter.exit_code == folded.exit_code == plain.exit_code == 0, with_adapter.output + folded.output
+    ppl = [json.loads(r.stdout)["metrics"]["perplexity"] for r in (with_adapter, folded, plain)]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-4)
+    assert ppl[0] != pytest.approx(ppl[2], rel=1e-4)
+    missing = runner.invoke(app, ["eval", str(folder), "--task", "ppl:/nonexistent.txt"])
+    assert missing.exit_code == 2 and "/nonexistent.txt" in missing.output
