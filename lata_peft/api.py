@@ -105,6 +105,7 @@ def combine(
     lata: bool = False,
     scheme: str = "linear",
     threshold: float = 0.95,
+    keep: float | None = None,
     low: float = 0.0,
     high: float = 1.0,
     normalize: bool = False,
@@ -140,7 +141,8 @@ def combine(
         instruction_from: ``[BASE, INSTRUCT]`` model folders: the instruction vector is their
             difference, read module by module (for task adapters trained on an instruct model).
         lata: apply LATA layer weights with a baseline method.
-        scheme / threshold / low / high / normalize: LATA weighting (see ``weighting``).
+        scheme / threshold / keep / low / high / normalize: LATA weighting (see ``weighting``);
+            ``keep`` makes Drop-with-Threshold keep that fraction of the least aligned blocks.
         granularity: score per ``block`` or per ``module``.
         density / seed / sign_method: TIES / DARE / magnitude options.
         dtype: output dtype (default: the inputs').
@@ -158,7 +160,7 @@ def combine(
         raise LataError(f"--method {method!r}: expected one of {', '.join(METHOD_NAMES)}")
     use_lata = method == "lata" or lata
     merge = METHODS["ta" if method == "lata" else method]
-    weighting = LayerWeighting(scheme, low, high, threshold, normalize)
+    weighting = LayerWeighting(scheme, low, high, threshold, normalize, keep)
     policy = RankPolicy.parse(rank)
     if granularity not in ("block", "module"):
         raise LataError(f"--granularity {granularity!r}: expected 'block' or 'module'")
@@ -221,7 +223,7 @@ def combine(
         tasks, labels, signs, scales, instruction_vector, combination, tables, seconds,
         options={
             "method": method, "lata": use_lata, "lambda": lam, "rank": str(policy),
-            "scheme": scheme if use_lata else None, "threshold": threshold, "low": low, "high": high,
+            "scheme": scheme if use_lata else None, "threshold": threshold, "keep": keep, "low": low, "high": high,
             "normalize": normalize, "granularity": granularity, "density": density, "seed": seed,
             "sign_method": sign_method, "dtype": str(out_dtype).removeprefix("torch."),
         },
@@ -322,6 +324,7 @@ def inspect(
     instruction_from: Sequence[str | Path] | None = None,
     scheme: str = "linear",
     threshold: float = 0.95,
+    keep: float | None = None,
     low: float = 0.0,
     high: float = 1.0,
     normalize: bool = False,
@@ -334,7 +337,7 @@ def inspect(
 
     Per module: rank, scale and Frobenius norm (computed factored). ``plot`` writes a PNG.
     """
-    weighting = LayerWeighting(scheme, low, high, threshold, normalize)
+    weighting = LayerWeighting(scheme, low, high, threshold, normalize, keep)
     tasks = _load_all(adapters, allow_pickle)
     instruction_adapter = load_adapter(instruction, allow_pickle=allow_pickle) if instruction else None
     check_compatible([*tasks, *([instruction_adapter] if instruction_adapter else [])])

@@ -154,6 +154,8 @@ def combine(
     lata: Annotated[bool, typer.Option(help="Apply LATA layer weights with a baseline method.")] = False,
     scheme: Annotated[str, typer.Option(help="LATA scheme: linear | log | threshold")] = "linear",
     threshold: Annotated[float, typer.Option(help="Drop-with-Threshold: keep layers with cosine < T.")] = 0.95,
+    keep: Annotated[float | None, typer.Option(
+        help="Drop-with-Threshold, relative: keep this fraction of the least aligned layers.")] = None,
     low: Annotated[float, typer.Option(help="LATA weight of the most instruction-like layer.")] = 0.0,
     high: Annotated[float, typer.Option(help="LATA weight of the most task-specific layer.")] = 1.0,
     normalize: Annotated[bool, typer.Option(help="Rescale LATA weights to mean 1.")] = False,
@@ -178,7 +180,7 @@ def combine(
         result = _guarded(lambda: api.combine(
             adapters, out, forget=forget or (), method=method, weights=weight, forget_weights=forget_weight,
             lam=lam, rank=rank, instruction=instruction, instruction_from=instruction_from, lata=lata,
-            scheme=scheme, threshold=threshold, low=low,
+            scheme=scheme, threshold=threshold, keep=keep, low=low,
             high=high, normalize=normalize, granularity=granularity, density=density, seed=seed,
             sign_method=sign_method, dtype=dtype, layer_regex=layer_regex, strict=strict,
             allow_pickle=allow_pickle, overwrite=overwrite, dry_run=dry_run, fold_into=fold_into,
@@ -198,6 +200,8 @@ def inspect(
         help="BASE INSTRUCT model folders: the instruction vector is their difference.")] = None,
     scheme: Annotated[str, typer.Option(help="LATA scheme for the weight column.")] = "linear",
     threshold: Annotated[float, typer.Option(help="Drop-with-Threshold threshold.")] = 0.95,
+    keep: Annotated[float | None, typer.Option(help="Drop-with-Threshold: fraction of least aligned layers kept.")]
+    = None,
     normalize: Annotated[bool, typer.Option(help="Rescale LATA weights to mean 1.")] = False,
     granularity: Annotated[str, typer.Option(help="Score per block or per module.")] = "block",
     layer_regex: Annotated[str | None, typer.Option(help="Regex with one group: the block index.")] = None,
@@ -208,7 +212,7 @@ def inspect(
     """Per layer: norm, cosine with the instruction adapter, and the LATA weight of each scheme."""
     result = _guarded(lambda: api.inspect(
         adapters, instruction=instruction, instruction_from=instruction_from, scheme=scheme, threshold=threshold,
-        normalize=normalize,
+        keep=keep, normalize=normalize,
         granularity=granularity, layer_regex=layer_regex, allow_pickle=allow_pickle, plot=plot,
     ))
     if as_json:

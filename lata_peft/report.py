@@ -33,7 +33,7 @@ def layer_table(
     chosen = layer_weights([s.cosine for s in scores], weighting)
     every = {
         name: layer_weights([s.cosine for s in scores], LayerWeighting(
-            name, weighting.low, weighting.high, weighting.threshold, weighting.normalize))
+            name, weighting.low, weighting.high, weighting.threshold, weighting.normalize, weighting.keep))
         for name in SCHEMES
     }
     return [

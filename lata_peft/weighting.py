@@ -10,7 +10,11 @@ instruction-like of ``L`` layers and ``rho = L - 1`` for the most task-specific:
 * ``log`` (Logarithmic-Drop-by-Rank, used on Llama-3-8B):
   ``w = low + (high - low) * ln(1 + rho) / ln(L)`` (drops sharply only for the top ranks)
 * ``threshold`` (Drop-with-Threshold, used for forgetting):
-  ``w = high`` if ``cos < threshold`` else ``low`` (instruction-like layers dropped)
+  ``w = high`` if ``cos < threshold`` else ``low`` (instruction-like layers dropped); with
+  ``keep = q`` the threshold is relative instead: the ``round(q * L)`` least instruction-like
+  layers get ``high``, the rest ``low`` (the paper reports keeping about 10% of layers at
+  0.95; LoRA task vectors are far less aligned than full fine-tunes, so an absolute 0.95 may
+  keep every layer).
 
 With ``normalize`` the weights are rescaled to mean 1 over the scored layers, so
 task-specific layers are amplified rather than only instruction-like ones attenuated.
@@ -43,25 +47,30 @@ def rank_by_alignment(cosines: Sequence[float]) -> list[float]:
     return ranks
 
 
-def _linear(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
+def _linear(cosines: Sequence[float], low: float, high: float, threshold: float, keep: float | None) -> list[float]:
     count = len(cosines)
     if count == 1:
         return [high]
     return [low + (high - low) * rho / (count - 1) for rho in rank_by_alignment(cosines)]
 
 
-def _log(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
+def _log(cosines: Sequence[float], low: float, high: float, threshold: float, keep: float | None) -> list[float]:
     count = len(cosines)
     if count == 1:
         return [high]
     return [low + (high - low) * math.log1p(rho) / math.log(count) for rho in rank_by_alignment(cosines)]
 
 
-def _threshold(cosines: Sequence[float], low: float, high: float, threshold: float) -> list[float]:
-    return [high if c < threshold else low for c in cosines]
+def _threshold(cosines: Sequence[float], low: float, high: float, threshold: float, keep: float | None) -> list[float]:
+    if keep is None:
+        return [high if c < threshold else low for c in cosines]
+    kept = round(keep * len(cosines))
+    order = sorted(range(len(cosines)), key=lambda i: cosines[i])  # least instruction-like first
+    chosen = set(order[:kept])
+    return [high if i in chosen else low for i in range(len(cosines))]
 
 
-Scheme = Callable[[Sequence[float], float, float, float], list[float]]
+Scheme = Callable[[Sequence[float], float, float, float, float | None], list[float]]
 SCHEMES: dict[str, Scheme] = {"linear": _linear, "log": _log, "threshold": _threshold}
 SCHEME_TITLES = {
     "linear": "Linear-Drop-by-Rank",
@@ -79,8 +88,11 @@ class LayerWeighting:
     high: float = 1.0
     threshold: float = 0.95
     normalize: bool = False
+    keep: float | None = None
 
     def __post_init__(self) -> None:
+        if self.keep is not None and not 0.0 <= self.keep <= 1.0:
+            raise LataError(f"--keep {self.keep}: expected a fraction of layers in [0, 1]")
         if self.scheme not in SCHEMES:
             raise LataError(f"--scheme {self.scheme!r}: expected one of {', '.join(SCHEMES)}")
         if self.low > self.high:
@@ -91,7 +103,7 @@ def layer_weights(cosines: Sequence[float], weighting: LayerWeighting = LayerWei
     """One weight per scored layer, in the order of ``cosines``."""
     if not cosines:
         return []
-    weights = SCHEMES[weighting.scheme](cosines, weighting.low, weighting.high, weighting.threshold)
+    weights = SCHEMES[weighting.scheme](cosines, weighting.low, weighting.high, weighting.threshold, weighting.keep)
     if weighting.normalize:
         mean = sum(weights) / len(weights)
         weights = [w / mean for w in weights] if mean > 0 else weights

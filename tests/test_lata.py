@@ -155,3 +155,12 @@ def test_instruction_from_two_full_models(tmp_path, base, adapters):
                                scheme="threshold", threshold=0.9)
     weights = {r["layer"]: r["weight"] for r in result.layer_weights["task"]}
     assert weights == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+
+
+def test_relative_threshold_keeps_the_least_aligned_fraction():
+    cosines = [0.9, 0.1, 0.5, 0.3, 0.7]
+    assert layer_weights(cosines, LayerWeighting("threshold", keep=0.4)) == [0, 1, 0, 1, 0]
+    assert layer_weights(cosines, LayerWeighting("threshold", keep=1.0)) == [1, 1, 1, 1, 1]
+    assert layer_weights(cosines, LayerWeighting("threshold", keep=0.0)) == [0, 0, 0, 0, 0]
+    with pytest.raises(lata_peft.LataError, match="--keep"):
+        LayerWeighting("threshold", keep=1.5)
