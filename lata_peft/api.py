@@ -178,7 +178,7 @@ def combine(
         raise LataError("no adapters given")
     sources = [*adapters, *forget]
     local_inputs = [Path(s) for s in [*sources, *([instruction] if instruction else [])] if Path(s).exists()]
-    target = check_output(Path(out), local_inputs, overwrite) if out is not None else None
+    target = check_output(Path(out), local_inputs, overwrite or dry_run) if out is not None else None
     base_path = resolve_base(fold_into) if fold_into is not None else None
     if four_bit and fold_into is None:
         raise LataError("--4bit needs --fold-into BASE (a 4-bit adapter is not a thing: the base is quantised)")

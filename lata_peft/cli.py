@@ -138,7 +138,7 @@ Strings = Annotated[list[str] | None, typer.Option()]
 
 @app.command()
 def combine(
-    adapters: Annotated[list[str], typer.Argument(help="Task adapters to add (folders or hub ids).")],
+    adapters: Annotated[list[str] | None, typer.Argument(help="Task adapters to add (folders or hub ids).")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output adapter folder.")] = None,
     forget: Annotated[list[str] | None, typer.Option("--forget", help="Adapter to subtract (repeatable).")] = None,
     method: Annotated[str, typer.Option(help="lata | ta | ties | dare | dare_ties | magnitude")] = "ta",
@@ -178,7 +178,7 @@ def combine(
     progress = RichProgress(enabled=not as_json)
     with progress.bar:
         result = _guarded(lambda: api.combine(
-            adapters, out, forget=forget or (), method=method, weights=weight, forget_weights=forget_weight,
+            adapters or [], out, forget=forget or (), method=method, weights=weight, forget_weights=forget_weight,
             lam=lam, rank=rank, instruction=instruction, instruction_from=instruction_from, lata=lata,
             scheme=scheme, threshold=threshold, keep=keep, low=low,
             high=high, normalize=normalize, granularity=granularity, density=density, seed=seed,

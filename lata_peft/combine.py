@@ -10,6 +10,7 @@ and factor back (truncated SVD) with the error reported.
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -18,7 +19,7 @@ import torch
 from .adapter import Adapter, LoraModule
 from .errors import LataError
 from .layers import block_index
-from .lowrank import LowRank, factorize, truncate, weighted_sum
+from .lowrank import LowRank, factorize, serial, truncate, weighted_sum
 from .methods import Method, module_generator
 
 __all__ = ["Combination", "ModuleReport", "RankPolicy", "combine"]
@@ -117,6 +118,11 @@ def combine(
     ``coefficient(t, module)`` is the signed weight of adapter ``t`` on ``module``; terms
     with weight 0 are skipped, and a module whose terms are all 0 is not written.
     """
+    with serial() if method.factored else nullcontext():
+        return _combine(adapters, coefficient, method, policy, density, seed, sign_method, layer_regex, on_module)
+
+
+def _combine(adapters, coefficient, method, policy, density, seed, sign_method, layer_regex, on_module) -> Combination:
     names = sorted({name for adapter in adapters for name in adapter.modules})
     modules: dict[str, LoraModule] = {}
     reports: list[ModuleReport] = []

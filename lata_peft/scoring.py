@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from .adapter import Adapter
 from .instruction import DenseInstruction, inner_dense
 from .layers import block_index, group_by_block
-from .lowrank import inner
+from .lowrank import inner, serial
 
 __all__ = ["LayerScore", "score_layers"]
 
@@ -71,6 +71,13 @@ def score_layers(
     model), of which only the modules the task adapter targets are read. Modules outside
     the blocks (embeddings, heads) are not scored.
     """
+    with serial():
+        return _score_all(task, instruction, granularity, layer_regex)
+
+
+def _score_all(
+    task: Adapter, instruction: Adapter | DenseInstruction, granularity: str, layer_regex: str | None
+) -> list[LayerScore]:
     task_blocks = group_by_block(task.modules, layer_regex)
     if isinstance(instruction, DenseInstruction):
         scores = []
