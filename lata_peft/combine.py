@@ -10,8 +10,8 @@ and factor back (truncated SVD) with the error reported.
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
