@@ -115,27 +115,46 @@ def _base_quantization(config: dict[str, Any], base: Path) -> dict[str, Any] | N
     )
 
 
-def _iter_tensors(base: Path) -> Iterator[tuple[str, Any, set[str]]]:
-    """``(key, open handle, keys of that file)`` for every tensor of the base, file by file."""
-    for path in _weight_files(base):
+class _TensorFile:
+    """One safetensors file, opened per read so no mapping of it outlives one tensor.
+
+    Keeping a ``safe_open`` handle for a whole multi-GB shard leaves every page read so far
+    mapped into the process (resident, though reclaimable), which doubled peak RSS.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
         try:
             with safe_open(path, framework="pt") as handle:
-                keys = set(handle.keys())
-                for key in sorted(keys):
-                    yield key, handle, keys
+                self.keys = set(handle.keys())
         except (SafetensorError, OSError) as exc:
             raise LataError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_tensor(key).clone()
+
+
+def _iter_tensors(base: Path) -> Iterator[tuple[str, _TensorFile]]:
+    """``(key, file)`` for every tensor of the base, file by file, in sorted key order."""
+    for path in _weight_files(base):
+        tensor_file = _TensorFile(path)
+        for key in sorted(tensor_file.keys):
+            yield key, tensor_file
 
 
 def _count_tensors(base: Path) -> int:
-    total = 0
-    for path in _weight_files(base):
-        try:
-            with safe_open(path, framework="pt") as handle:
-                total += len(handle.keys())
-        except (SafetensorError, OSError) as exc:
-            raise LataError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
-    return total
+    return sum(len(_TensorFile(path).keys) for path in _weight_files(base))
+
+
+def _release_memory() -> None:
+    """Give freed heap back to the OS (glibc keeps large freed blocks otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def quantizable_modules(config: dict[str, Any], skip: list[str] | None) -> set[str]:
@@ -247,7 +266,8 @@ def fold_modules(
     seen: set[str] = set()
     if progress is not None:
         progress.start(_count_tensors(base), "folding" + (" into 4-bit" if four_bit else ""))
-    for key, handle, file_keys in _iter_tensors(base):
+    for key, handle in _iter_tensors(base):
+        file_keys = handle.keys
         if progress is not None:
             progress.advance()
         if any(key.endswith(f".weight.{part}") for part in QUANT_STATE_PARTS):
@@ -288,6 +308,8 @@ def fold_modules(
             for part, value in state.as_dict(packed=True).items():
                 writer.add(f"{key}.{part}", value.cpu())
             result.quantized += 1
+            del source, packed, state, exact, weight, tensor
+            _release_memory()
         else:
             writer.add(key, (exact if exact is not None else weight).to(base_dtype).cpu())
     missing = sorted(set(targets) - seen)
