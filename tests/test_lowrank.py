@@ -104,3 +104,16 @@ def test_pattern_matching_follows_peft(module):
 
     patterns = ["down_proj", "layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj", "h.0.attn.c_attn"]
     assert get_pattern_key(patterns, module) == peft_rule(patterns, module)
+
+
+def test_randomised_factorize_is_near_optimal_and_reports_its_true_error():
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(120, 80, generator=g) @ torch.diag(torch.linspace(3, 0.01, 80)) @ torch.randn(80, 80,
+                                                                                                       generator=g)
+    result = factorize(dense, rank=10)  # 10 < 80 // 2: randomised path
+    residual = float((dense.double() - result.delta.dense().double()).norm())
+    assert result.error == pytest.approx(residual, rel=1e-5)
+    best = float(torch.linalg.svdvals(dense.double())[10:].square().sum().sqrt())
+    assert best <= residual <= 1.02 * best
+    again = factorize(dense, rank=10)
+    assert torch.equal(again.delta.B, result.delta.B)  # deterministic
