@@ -18,6 +18,7 @@ __all__ = [
     "LowRank",
     "Truncation",
     "cosine",
+    "cosine_from",
     "factorize",
     "inner",
     "norm",
@@ -104,9 +105,12 @@ def cosine(x: LowRank | Sequence[LowRank], y: LowRank | Sequence[LowRank]) -> fl
     xs = [x] if isinstance(x, LowRank) else list(x)
     ys = [y] if isinstance(y, LowRank) else list(y)
     dot = sum(inner(a, b) for a, b in zip(xs, ys, strict=True))
-    nx = sum(inner(a, a) for a in xs) ** 0.5
-    ny = sum(inner(b, b) for b in ys) ** 0.5
-    return 0.0 if nx == 0.0 or ny == 0.0 else dot / (nx * ny)
+    return cosine_from(dot, sum(inner(a, a) for a in xs) ** 0.5, sum(inner(b, b) for b in ys) ** 0.5)
+
+
+def cosine_from(dot: float, norm_x: float, norm_y: float) -> float:
+    """``dot / (norm_x norm_y)``, 0.0 when either side is zero."""
+    return 0.0 if norm_x == 0.0 or norm_y == 0.0 else dot / (norm_x * norm_y)
 
 
 def weighted_sum(terms: Sequence[tuple[float, LowRank]]) -> LowRank:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from . import __version__
@@ -30,12 +31,9 @@ def layer_table(
 ) -> list[dict[str, Any]]:
     """Per scored unit: norms, cosine, the chosen scheme's weight and every scheme's weight."""
     scores = score_layers(task, instruction, granularity, layer_regex)
-    chosen = layer_weights([s.cosine for s in scores], weighting)
-    every = {
-        name: layer_weights([s.cosine for s in scores], LayerWeighting(
-            name, weighting.low, weighting.high, weighting.threshold, weighting.normalize, weighting.keep))
-        for name in SCHEMES
-    }
+    cosines = [s.cosine for s in scores]
+    every = {name: layer_weights(cosines, replace(weighting, scheme=name)) for name in SCHEMES}
+    chosen = every[weighting.scheme]
     return [
         {**s.to_dict(), "weight": chosen[i], "weights": {name: every[name][i] for name in SCHEMES}}
         for i, s in enumerate(scores)

@@ -9,12 +9,13 @@ side's norm and nothing to the inner product.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from .adapter import Adapter
 from .instruction import DenseInstruction, inner_dense
 from .layers import block_index, group_by_block
-from .lowrank import inner, serial
+from .lowrank import cosine_from, inner, serial
 
 __all__ = ["LayerScore", "score_layers"]
 
@@ -41,8 +42,7 @@ def _score(task: Adapter, instruction: Adapter, names: list[str], instruction_na
     instruction_norm = sum(
         inner(instruction.modules[n].delta, instruction.modules[n].delta) for n in instruction_names
     ) ** 0.5
-    cosine = dot / (task_norm * instruction_norm) if task_norm and instruction_norm else 0.0
-    return task_norm, instruction_norm, cosine
+    return task_norm, instruction_norm, cosine_from(dot, task_norm, instruction_norm)
 
 
 def _score_dense(task: Adapter, instruction: DenseInstruction, names: list[str]) -> tuple[float, ...]:
@@ -55,8 +55,7 @@ def _score_dense(task: Adapter, instruction: DenseInstruction, names: list[str])
         task_sq += inner(delta, delta)
         instruction_sq += float(dense.square().sum())
     task_norm, instruction_norm = task_sq**0.5, instruction_sq**0.5
-    cosine = dot / (task_norm * instruction_norm) if task_norm and instruction_norm else 0.0
-    return task_norm, instruction_norm, cosine
+    return task_norm, instruction_norm, cosine_from(dot, task_norm, instruction_norm)
 
 
 def score_layers(
@@ -71,7 +70,8 @@ def score_layers(
     model), of which only the modules the task adapter targets are read. Modules outside
     the blocks (embeddings, heads) are not scored.
     """
-    with serial():
+    # factored products are (r x r): one thread; the dense (out x in) path keeps torch's threads
+    with serial() if isinstance(instruction, Adapter) else nullcontext():
         return _score_all(task, instruction, granularity, layer_regex)
 
 
