@@ -176,14 +176,14 @@ def combine(
         raise LataError("no output folder: pass -o OUT (or --dry-run)")
     if not adapters and not forget:
         raise LataError("no adapters given")
-    sources = [*adapters, *forget]
-    local_inputs = [Path(s) for s in [*sources, *([instruction] if instruction else [])] if Path(s).exists()]
-    target = check_output(Path(out), local_inputs, overwrite or dry_run) if out is not None else None
-    base_path = resolve_base(fold_into) if fold_into is not None else None
     if four_bit and fold_into is None:
         raise LataError("--4bit needs --fold-into BASE (a 4-bit adapter is not a thing: the base is quantised)")
+    sources = [*adapters, *forget]
+    base_path = resolve_base(fold_into) if fold_into is not None else None
+    local_inputs = [Path(s) for s in [*sources, *([instruction] if instruction else [])] if Path(s).exists()]
+    local_inputs += [base_path] if base_path is not None else []
+    target = check_output(Path(out), local_inputs, overwrite or dry_run) if out is not None else None
     if base_path is not None and target is not None:
-        check_output(target, [base_path], overwrite)
         check_disk_space(base_path, target, four_bit)
 
     tasks = _load_all(sources, allow_pickle)
@@ -229,8 +229,8 @@ def combine(
         },
     )
     if target is not None and not dry_run and base_path is not None:
-        report["fold"] = _fold_into(combination.modules, base_path, target, four_bit, QuantOptions(), report,
-                                    overwrite, progress)
+        _fold_into(combination.modules, base_path, target, four_bit, QuantOptions(), report, overwrite, progress,
+                   started)
     elif target is not None and not dry_run:
         config = output_config(tasks, combination.modules)
         base_layers = shared_base_layers(tasks)
@@ -243,18 +243,16 @@ def combine(
 
 
 def _fold_into(modules, base: Path, target: Path, four_bit: bool, quant: QuantOptions, report: dict[str, Any],
-               overwrite: bool, progress: Progress | None) -> dict[str, Any]:
-    """Fold into ``base`` and write it (with ``lata_report.json``) atomically at ``target``."""
-    outcome: dict[str, Any] = {}
+               overwrite: bool, progress: Progress | None, started: float) -> None:
+    """Fold into ``base`` and write it atomically at ``target``, with ``report["fold"]`` in its report."""
 
     def fill(folder: Path) -> None:
         result = fold_modules(modules, base, folder, four_bit=four_bit, quant=quant, progress=progress)
-        outcome.update(result.to_dict(), out=str(target), base=str(base))
-        report["fold"] = outcome
+        report["fold"] = {**result.to_dict(), "out": str(target), "base": str(base),
+                          "seconds": round(time.perf_counter() - started, 3)}
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
     write_atomically(target, fill, overwrite=overwrite)
-    return outcome
 
 
 def fold(
@@ -301,8 +299,7 @@ def fold(
                     "base_model": loaded.base_model, "sha256": loaded.sha256}],
     }
     quant = QuantOptions(blocksize, compute_dtype, double_quant, quant_storage)
-    _fold_into(loaded.modules, base_path, target, four_bit, quant, report, overwrite, progress)
-    report["fold"]["seconds"] = round(time.perf_counter() - started, 3)
+    _fold_into(loaded.modules, base_path, target, four_bit, quant, report, overwrite, progress, started)
     return report
 
 

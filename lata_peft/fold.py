@@ -135,16 +135,11 @@ class _TensorFile:
             return handle.get_tensor(key).clone()
 
 
-def _iter_tensors(base: Path) -> Iterator[tuple[str, _TensorFile]]:
+def _iter_tensors(files: list[_TensorFile]) -> Iterator[tuple[str, _TensorFile]]:
     """``(key, file)`` for every tensor of the base, file by file, in sorted key order."""
-    for path in _weight_files(base):
-        tensor_file = _TensorFile(path)
+    for tensor_file in files:
         for key in sorted(tensor_file.keys):
             yield key, tensor_file
-
-
-def _count_tensors(base: Path) -> int:
-    return sum(len(_TensorFile(path).keys) for path in _weight_files(base))
 
 
 def _release_memory() -> None:
@@ -252,6 +247,7 @@ def fold_modules(
     blocksize = quant.blocksize or 64
     compute = quant.compute_dtype or settings.get("bnb_4bit_compute_dtype") or config.get("torch_dtype") \
         or config.get("dtype") or "float32"
+    compute_dtype = DTYPE_NAMES.get(str(compute), torch.float32)
     double_quant = quant.double_quant if quant.double_quant is not None else settings.get(
         "bnb_4bit_use_double_quant", True)
     storage = quant.quant_storage or settings.get("bnb_4bit_quant_storage", "uint8")
@@ -264,9 +260,10 @@ def fold_modules(
     result = FoldResult(folder, four_bit, 0, 0)
     errors_num, errors_den = 0.0, 0.0
     seen: set[str] = set()
+    files = [_TensorFile(path) for path in _weight_files(base)]
     if progress is not None:
-        progress.start(_count_tensors(base), "folding" + (" into 4-bit" if four_bit else ""))
-    for key, handle in _iter_tensors(base):
+        progress.start(sum(len(f.keys) for f in files), "folding" + (" into 4-bit" if four_bit else ""))
+    for key, handle in _iter_tensors(files):
         file_keys = handle.keys
         if progress is not None:
             progress.advance()
@@ -278,7 +275,7 @@ def fold_modules(
                      if f"{key}.{part}" in file_keys}
             quant_state = bnbf.QuantState.from_dict(state, device=torch.device(device))
             weight = bnbf.dequantize_4bit(tensor.to(device), quant_state).float()  # dequantised once
-            base_dtype = DTYPE_NAMES.get(str(compute), torch.float32)
+            base_dtype = compute_dtype
         else:
             weight, base_dtype = tensor, tensor.dtype
         module = key.removesuffix(".weight")
@@ -295,7 +292,7 @@ def fold_modules(
         if module in quantize:
             source = exact if exact is not None else weight.to(device, torch.float32)
             packed, state = bnbf.quantize_4bit(
-                source.to(DTYPE_NAMES.get(str(compute), torch.float32)), blocksize=blocksize,
+                source.to(compute_dtype), blocksize=blocksize,
                 compress_statistics=double_quant, quant_type="nf4", quant_storage=getattr(torch, storage),
             )
             if exact is not None:
@@ -321,7 +318,7 @@ def fold_modules(
     if four_bit:
         config["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=DTYPE_NAMES.get(str(compute), torch.float32), bnb_4bit_quant_storage=storage,
+            bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=storage,
             llm_int8_skip_modules=settings.get("llm_int8_skip_modules"),
         ).to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
