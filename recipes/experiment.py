@@ -26,8 +26,8 @@ import torch
 import yaml
 
 import lata_peft
+from train_adapters import Example, format_prompt  # sibling script in recipes/: the training template
 from lata_peft.evaluate import evaluate
-from lata_peft.evaluate.gsm8k import ALPACA_TEMPLATE
 from lata_peft.evaluate.loading import load_model, load_tokenizer, prepare_tokenizer, with_adapter
 from lata_peft.evaluate.perplexity import answer_nll
 
@@ -39,10 +39,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def alpaca_prompt(instruction: str, context: str = "") -> str:
-    """The template the shipped adapters were trained with (``recipes/train_adapters.py``)."""
-    if context:
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
-    return ALPACA_TEMPLATE.format(question=instruction)
+    """The template the shipped adapters were trained with."""
+    return format_prompt(Example(instruction, context, ""))
 
 
 def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]:
