@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 import yaml
+from train_adapters import Example, format_prompt  # sibling script in recipes/: the training template
 
 import lata_peft
-from train_adapters import Example, format_prompt  # sibling script in recipes/: the training template
 from lata_peft.evaluate import evaluate
 from lata_peft.evaluate.loading import load_model, load_tokenizer, prepare_tokenizer, with_adapter
 from lata_peft.evaluate.perplexity import answer_nll
