@@ -19,6 +19,7 @@ from . import __version__
 from .adapter import REPORT_NAME, Adapter, load_adapter
 from .combine import Combination, RankPolicy
 from .combine import combine as combine_modules
+from .dtypes import parse_dtype
 from .errors import LataError
 from .fold import FoldResult, QuantOptions, check_disk_space, fold_modules, resolve_base
 from .instruction import DenseInstruction
@@ -33,7 +34,6 @@ from .writing import output_config, save_adapter_files, shared_base_layers, writ
 
 __all__ = ["CombineResult", "FoldResult", "InspectResult", "combine", "fold", "inspect"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHOD_NAMES = ("lata", *METHODS)
 
 
@@ -166,8 +166,7 @@ def combine(
         raise LataError(f"--granularity {granularity!r}: expected 'block' or 'module'")
     if not 0.0 < density <= 1.0:
         raise LataError(f"--density {density}: expected 0 < density <= 1")
-    if dtype is not None and dtype not in DTYPES:
-        raise LataError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    requested_dtype = parse_dtype(dtype) if dtype is not None else None
     if use_lata and instruction is None and not instruction_from:
         raise LataError("LATA needs an instruction vector: pass --instruction I or --instruction-from BASE INSTRUCT")
     if instruction is not None and instruction_from:
@@ -217,7 +216,7 @@ def combine(
         tasks, coefficient, merge, policy, density=density, seed=seed, sign_method=sign_method,
         layer_regex=layer_regex, on_module=(lambda _: progress.advance()) if progress is not None else None,
     )
-    out_dtype = DTYPES[dtype] if dtype else _common_dtype(tasks)
+    out_dtype = requested_dtype or _common_dtype(tasks)
     seconds = time.perf_counter() - started
     report = build_report(
         tasks, labels, signs, scales, instruction_vector, combination, tables, seconds,

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .adapter import LoraModule
+from .dtypes import DTYPES
 from .errors import LataError
 
 __all__ = ["FoldResult", "QuantOptions", "fold_modules", "resolve_base"]
@@ -37,7 +38,6 @@ QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
 QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
                      "quant_state.bitsandbytes__fp4")
 SHARD_BYTES = 256 * 1024**2  # output shard buffer: bounds peak memory (the 1.1B NF4 benchmark: 1.27x target)
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def fold_modules(
     blocksize = quant.blocksize or 64
     compute = quant.compute_dtype or settings.get("bnb_4bit_compute_dtype") or config.get("torch_dtype") \
         or config.get("dtype") or "float32"
-    compute_dtype = DTYPE_NAMES.get(str(compute), torch.float32)
+    compute_dtype = DTYPES.get(str(compute), torch.float32)
     double_quant = quant.double_quant if quant.double_quant is not None else settings.get(
         "bnb_4bit_use_double_quant", True)
     storage = quant.quant_storage or settings.get("bnb_4bit_quant_storage", "uint8")

@@ -192,6 +192,7 @@ def test_bad_options(tmp_path, adapters):
         (["--rank", "energy:2"], "--rank"),
         (["--method", "slerp"], "--method"),
         (["--method", "lata"], "instruction"),
+        (["--dtype", "int8"], "--dtype"),
         (["--weight", "1", "--weight", "2", "--weight", "3"], "--weight"),
     ]:
         out = tmp_path / "o"

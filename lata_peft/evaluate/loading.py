@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from ..dtypes import parse_dtype
 from ..errors import LataError
 
 PathLike = str | os.PathLike[str]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
@@ -80,9 +80,7 @@ def load_model(
     if not (path / "config.json").is_file():
         raise LataError(f"{path}: not a transformers model folder (no config.json)")
     device = torch.device(device) if device is not None else default_device()
-    if dtype is not None and dtype not in DTYPES:
-        raise LataError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    torch_dtype: Any = DTYPES[dtype] if dtype else (torch.float32 if device.type == "cpu" else "auto")
+    torch_dtype: Any = parse_dtype(dtype, "dtype") if dtype else (torch.float32 if device.type == "cpu" else "auto")
     options: dict[str, Any] = {"dtype": torch_dtype}
     if four_bit:
         compute = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.bfloat16
