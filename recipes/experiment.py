@@ -3,17 +3,22 @@
     python recipes/experiment.py recipes/experiments/smollm2.yaml            # run the grid
     python recipes/experiment.py recipes/experiments/smollm2.yaml --report   # RESULTS.md + plots only
 
-For every setting (which adapters are added or forgotten), method and lambda in the YAML
-(and every seed for DARE), the adapters are combined with :func:`lata_peft.combine`, applied
-to the base with PEFT, and scored with continuous metrics that move on a 135M model
-(mean NLL per token of reference answers given an Alpaca prompt; WikiText-2 perplexity) and,
-where asked, generation metrics (GSM8K exact match). Results are appended to a JSON file as
-they come, so an interrupted run resumes where it stopped.
+For every training seed (one adapter set each), setting (which adapters are added or
+forgotten), method and lambda in the YAML, the adapters are combined with
+:func:`lata_peft.combine`, applied to the base with PEFT, and scored with continuous metrics
+that move on small models (mean NLL per token of reference answers given an Alpaca prompt;
+WikiText-2 perplexity) and, where asked, generation metrics (GSM8K exact match, HumanEval
+pass@1). DARE and DARE-TIES use the training seed as their seed, so the spread over training
+seeds covers both sources of randomness; ``dare_seeds`` adds DARE-only repeats on the first
+adapter set. Results are appended to a JSON file as they come, so an interrupted run resumes
+where it stopped; the grid runs lambda = 1 for every seed first, so a cut-short run is still
+a complete comparison at lambda = 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import statistics
@@ -33,13 +38,13 @@ from lata_peft.evaluate.perplexity import answer_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-
+BASELINES = ("ta", "ties", "dare", "dare_ties")
 
 # ----------------------------------------------------------------------------- probe sets
 
 
 def alpaca_prompt(instruction: str, context: str = "") -> str:
-    """The template the shipped adapters were trained with."""
+    """The template the adapters were trained with."""
     return format_prompt(Example(instruction, context, ""))
 
 
@@ -61,44 +66,74 @@ def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]
     }
 
 
+def precision(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
+    """``autocast: bf16`` runs the matmuls in bfloat16 (weights stay float32); else full precision."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.get("autocast") == "bf16")
+
+
 def measure(model: Any, tokenizer: Any, probes: dict[str, tuple[list[str], list[str]]],
             config: dict[str, Any]) -> dict[str, float]:
-    metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=8, max_length=512).mean
-               for name, (p, a) in probes.items()}
-    wikitext = evaluate(model, "wikitext2", tokenizer=tokenizer, limit=config["wikitext_tokens"], max_length=512,
-                        stride=256, batch_size=4)
-    metrics["wikitext2_ppl"] = wikitext["metrics"]["perplexity"]
-    if config.get("gsm8k_generate"):
-        result = evaluate(model, "gsm8k", tokenizer=tokenizer, limit=config["gsm8k_generate"], batch_size=8,
-                          max_new_tokens=config.get("max_new_tokens", 160))
-        metrics["gsm8k_em"] = result["metrics"]["exact_match"]
+    device = next(model.parameters()).device
+    with precision(config, device):
+        metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=8, max_length=512).mean
+                   for name, (p, a) in probes.items()}
+        wikitext = evaluate(model, "wikitext2", tokenizer=tokenizer, limit=config["wikitext_tokens"],
+                            max_length=512, stride=256, batch_size=4)
+        metrics["wikitext2_ppl"] = wikitext["metrics"]["perplexity"]
+        if config.get("gsm8k_generate"):
+            result = evaluate(model, "gsm8k", tokenizer=tokenizer, limit=config["gsm8k_generate"],
+                              batch_size=config.get("generate_batch", 8),
+                              max_new_tokens=config.get("max_new_tokens", 256))
+            metrics["gsm8k_em"] = result["metrics"]["exact_match"]
+        if config.get("humaneval_generate"):
+            result = evaluate(model, "humaneval", tokenizer=tokenizer, limit=config["humaneval_generate"],
+                              batch_size=config.get("generate_batch", 8))
+            metrics["humaneval_pass1"] = result["metrics"]["pass@1"]
     return metrics
 
 
 # ----------------------------------------------------------------------------- the grid
 
 
+def adapter_paths(plan: dict[str, Any], train_seed: int) -> dict[str, Path]:
+    folder = Path(plan["adapter_sets"][train_seed]).expanduser()
+    return {name: ROOT / folder / name for name in plan["adapters"]}
+
+
 def runs(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every (setting, method, lambda, seed) to evaluate, plus the references (base, single adapters)."""
-    grid = [{"setting": "reference", "method": "base", "lambda": 0.0, "seed": 0}]
-    grid += [{"setting": "reference", "method": f"only:{name}", "lambda": 1.0, "seed": 0} for name in plan["adapters"]]
-    for setting in plan["settings"]:
-        for method in plan["methods"]:
-            for lam in plan["lambdas"][setting["kind"]]:
-                seeds = plan["seeds"] if method["method"] in ("dare", "dare_ties") else [0]
-                grid += [{"setting": setting["name"], "method": method["name"], "lambda": lam, "seed": s}
-                         for s in seeds]
-    return grid
+    """Every (training seed, setting, method, lambda, seed) to evaluate, plus the references
+    (base, single adapters), lambda = 1 first."""
+    train_seeds = list(plan["adapter_sets"])
+    grid = [{"train_seed": train_seeds[0], "setting": "reference", "method": "base", "lambda": 0.0, "seed": 0}]
+    grid += [{"train_seed": t, "setting": "reference", "method": f"only:{name}", "lambda": 1.0, "seed": t}
+             for t in train_seeds for name in plan["adapters"]]
+    combos = [{"train_seed": t, "setting": s["name"], "method": m["name"], "lambda": lam, "seed": t}
+              for t in train_seeds for s in plan["settings"] for m in plan["methods"]
+              for lam in plan["lambdas"][s["kind"]]]
+    dare_only = [{**c, "seed": extra} for c in combos if c["train_seed"] == train_seeds[0]
+                 and method_of(plan, c["method"])["method"] in ("dare", "dare_ties")
+                 for extra in plan.get("dare_seeds", []) if extra != c["seed"]]
+    # lambda = 1 for every training seed first, then the first seed's lambda grid, then the rest.
+    combos.sort(key=lambda c: (c["lambda"] != 1.0, c["train_seed"] != train_seeds[0]))
+    return grid + combos + dare_only
+
+
+def method_of(plan: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(m for m in plan["methods"] if m["name"] == name)
+
+
+def setting_of(plan: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in plan["settings"] if s["name"] == name)
 
 
 def combine_for(run: dict[str, Any], plan: dict[str, Any], out: Path) -> Path | None:
-    adapters = {k: ROOT / v for k, v in plan["adapters"].items()}
+    adapters = adapter_paths(plan, run["train_seed"])
     if run["method"] == "base":
         return None
     if run["method"].startswith("only:"):
         return adapters[run["method"][5:]]
-    setting = next(s for s in plan["settings"] if s["name"] == run["setting"])
-    method = dict(next(m for m in plan["methods"] if m["name"] == run["method"]))
+    setting = setting_of(plan, run["setting"])
+    method = dict(method_of(plan, run["method"]))
     method.pop("name")
     if method.get("method") == "lata" or method.get("lata"):
         method["instruction"] = adapters["instruct"]
@@ -109,15 +144,15 @@ def combine_for(run: dict[str, Any], plan: dict[str, Any], out: Path) -> Path | 
 
 
 def key_of(run: dict[str, Any]) -> str:
-    return f"{run['setting']}|{run['method']}|{run['lambda']}|{run['seed']}"
+    return f"{run['train_seed']}|{run['setting']}|{run['method']}|{run['lambda']}|{run['seed']}"
 
 
 def run_grid(plan: dict[str, Any], results_path: Path) -> None:
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(plan.get("threads", 2))
     done = {key_of(r): r for r in json.loads(results_path.read_text())} if results_path.exists() else {}
     base = Path(plan["base"]).expanduser()
-    model = load_model(base)
+    model = load_model(base, device=plan.get("device"), dtype=plan.get("dtype"))
     tokenizer = prepare_tokenizer(load_tokenizer(base))
     probes = probe_sets(plan["limits"])
     grid = runs(plan)
@@ -137,11 +172,33 @@ def run_grid(plan: dict[str, Any], results_path: Path) -> None:
                   + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" ({record['seconds']}s)", flush=True)
 
 
-# ----------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------- analysis
+
+
+def with_selectivity(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Forget settings gain ``selectivity`` = (shout NLL - base) / (instruct NLL - base): forgetting
+    bought per unit of instruction following lost (higher is better)."""
+    base = next((r["metrics"] for r in records if r["method"] == "base"), None)
+    kinds = {s["name"]: s["kind"] for s in plan["settings"]}
+    out = []
+    for record in records:
+        if base and kinds.get(record["setting"]) == "forget":
+            metrics = record["metrics"]
+            damage = metrics["instruct_nll"] - base["instruct_nll"]
+            gained = metrics["shout_nll"] - base["shout_nll"]
+            selectivity = gained / damage if damage > 1e-9 else float("nan")
+            record = {**record, "metrics": {**metrics, "selectivity": selectivity}}
+        out.append(record)
+    return out
+
+
+def main_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (training seed, setting, method, lambda): DARE seeded by the training seed."""
+    return [r for r in records if r["seed"] == r["train_seed"] or r["method"] == "base"]
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """``{setting|method|lambda: {metric: (mean, std, n)}}`` over seeds."""
+    """``{setting|method|lambda: {metric: (mean, std, n)}}`` over the records given."""
     groups: dict[str, list[dict[str, float]]] = {}
     for record in records:
         groups.setdefault(f"{record['setting']}|{record['method']}|{record['lambda']}", []).append(record["metrics"])
@@ -149,19 +206,46 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
     for key, runs_ in groups.items():
         summary[key] = {}
         for metric in runs_[0]:
-            values = [r[metric] for r in runs_]
+            values = [r[metric] for r in runs_ if metric in r]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[key][metric] = (statistics.fmean(values), spread, len(values))
     return summary
 
 
-def write_plots(records: list[dict[str, Any]], plan: dict[str, Any], folder: Path) -> list[Path]:
+def verdicts(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each LATA method against each baseline, per setting, lambda and goal metric, paired over
+    training seeds: ``win`` if LATA is better on every seed, ``loss`` if worse on every seed, else ``tie``."""
+    by_key = {(r["train_seed"], r["setting"], r["method"], r["lambda"]): r["metrics"] for r in records}
+    lata = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
+    rows = []
+    for setting in plan["settings"]:
+        for lam in plan["lambdas"][setting["kind"]]:
+            for metric, goal in setting["goals"].items():
+                sign = 1.0 if goal == "max" else -1.0
+                for ours in lata:
+                    for other in (m["name"] for m in plan["methods"] if m["name"] in BASELINES):
+                        pairs = [(by_key.get((t, setting["name"], ours, lam), {}).get(metric),
+                                  by_key.get((t, setting["name"], other, lam), {}).get(metric))
+                                 for t in plan["adapter_sets"]]
+                        diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
+                        if not diffs:
+                            continue
+                        outcome = "win" if all(d > 0 for d in diffs) else "loss" if all(d < 0 for d in diffs) else "tie"
+                        rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "lata": ours,
+                                     "baseline": other, "outcome": outcome, "n": len(diffs),
+                                     "mean_gain": statistics.fmean(diffs)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_plots(summary: dict[str, Any], plan: dict[str, Any], folder: Path, tag: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarise(records)
     paths = []
     for setting in plan["settings"]:
         metrics = setting["plot"]
@@ -182,33 +266,89 @@ def write_plots(records: list[dict[str, Any]], plan: dict[str, Any], folder: Pat
             ax.set_title(metric)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7, frameon=False)
-        fig.suptitle(f"{setting['name']}: {setting['description']}")
+        fig.suptitle(f"{tag} {setting['name']}: {setting['description']}")
         fig.tight_layout()
-        path = folder / f"results_{setting['name']}.png"
+        path = folder / f"results_{tag}_{setting['name']}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
-    records = json.loads(results_path.read_text())
-    summary = summarise(records)
-    plots = write_plots(records, plan, out.parent)
-    metrics = list(records[0]["metrics"])
-    lines = ["| setting | method | lambda | " + " | ".join(metrics) + " |",
+def layer_plot(plan: dict[str, Any], folder: Path, tag: str) -> Path:
+    """Per-block cosine with the instruction adapter and LATA weight, first adapter set."""
+    adapters = adapter_paths(plan, next(iter(plan["adapter_sets"])))
+    tasks = [adapters[name] for name in plan["adapters"] if name != "instruct"]
+    path = folder / f"layers_{tag}.png"
+    lata_peft.inspect(tasks, instruction=adapters["instruct"], scheme="linear", plot=path)
+    return path
+
+
+def cell(values: tuple[float, float, int] | None) -> str:
+    if values is None:
+        return "-"
+    mean, spread, n = values
+    return f"{mean:.4f} ± {spread:.4f} ({n})" if n > 1 else f"{mean:.4f}"
+
+
+def markdown(plan: dict[str, Any], records: list[dict[str, Any]], plots: list[Path]) -> str:
+    records = with_selectivity(records, plan)
+    main = main_records(records)
+    summary = summarise(main)
+    metrics = list(dict.fromkeys(m for r in main for m in r["metrics"]))
+    lines = ["Mean ± standard deviation over training seeds (n in brackets; DARE/DARE-TIES seeded by the "
+             "training seed). Lower is better except `shout_nll` in forgetting and `selectivity`.", "",
+             "| setting | method | lambda | " + " | ".join(metrics) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
     for key, values in summary.items():
         setting, method, lam = key.split("|")
-        cells = []
-        for metric in metrics:
-            mean, spread, n = values.get(metric, (float("nan"), 0.0, 0))
-            cells.append(f"{mean:.4f} ± {spread:.4f}" if n > 1 else f"{mean:.4f}")
-        lines.append(f"| {setting} | {method} | {lam} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    out.write_text(out.read_text().split("<!-- results -->")[0] + "<!-- results -->\n\n" + table + "\n\n" + images
-                   + "\n" if out.exists() and "<!-- results -->" in out.read_text() else table + "\n\n" + images + "\n")
+        lines.append(f"| {setting} | {method} | {lam} | " + " | ".join(cell(values.get(m)) for m in metrics) + " |")
+
+    first = next(iter(plan["adapter_sets"]))
+    dare = summarise([r for r in records if r["train_seed"] == first and r["setting"] != "reference"
+                      and method_of(plan, r["method"])["method"] in ("dare", "dare_ties")])
+    if any(v[next(iter(v))][2] > 1 for v in dare.values()):
+        lines += ["", f"DARE-only spread (training seed {first}, DARE seeds {plan.get('dare_seeds')}):", "",
+                  "| setting | method | lambda | " + " | ".join(metrics) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+        for key, values in dare.items():
+            setting, method, lam = key.split("|")
+            lines.append(f"| {setting} | {method} | {lam} | "
+                         + " | ".join(cell(values.get(m)) for m in metrics) + " |")
+
+    rows = verdicts(main, plan)
+    if rows:
+        lines += ["", "LATA against each baseline, paired over training seeds (win: better on every seed; "
+                  "loss: worse on every seed; else tie). Count of win / tie / loss over the baselines "
+                  + ", ".join(BASELINES) + ":", "",
+                  "| setting | lambda | metric | " + " | ".join(m["name"] for m in plan["methods"]
+                                                               if m["name"] not in BASELINES) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for m in plan["methods"] if m["name"] not in BASELINES)
+                  + " |"]
+        groups: dict[tuple[str, float, str], dict[str, list[str]]] = {}
+        for row in rows:
+            groups.setdefault((row["setting"], row["lambda"], row["metric"]), {}).setdefault(row["lata"], []).append(
+                row["outcome"])
+        for (setting, lam, metric), per_lata in groups.items():
+            cells = [f"{o.count('win')} / {o.count('tie')} / {o.count('loss')}" for o in per_lata.values()]
+            lines.append(f"| {setting} | {lam} | {metric} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
+    tag = plan.get("tag", results_path.stem)
+    records = json.loads(results_path.read_text())
+    summary = summarise(main_records(with_selectivity(records, plan)))
+    plots = [*write_plots(summary, plan, out.parent, tag), layer_plot(plan, out.parent, tag)]
+    begin, end = f"<!-- results:{tag} -->", f"<!-- /results:{tag} -->"
+    block = f"{begin}\n\n{markdown(plan, records, plots)}\n{end}"
+    text = out.read_text() if out.exists() else ""
+    if begin in text and end in text:
+        text = text.split(begin)[0] + block + text.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    out.write_text(text)
 
 
 def main() -> None:

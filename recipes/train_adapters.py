@@ -1,4 +1,4 @@
-"""Train small LoRA adapters on SmolLM2-135M-Instruct on the CPU.
+"""Train LoRA adapters (instruct, math, code, shout) on a causal LM, on the CPU or a GPU.
 
 Every adapter uses the same Alpaca-style prompt template (see ``format_prompt``)
 and is trained on the response tokens only, so task adapters also carry
@@ -13,8 +13,14 @@ instruction following. Adapters:
 Examples whose prompt + response + EOS do not fit in ``--max-len`` tokens are
 dropped, so every training sequence ends with EOS and the adapters learn to stop.
 
-    python recipes/prepare_smollm2.py
+    python recipes/prepare_base.py
     python recipes/train_adapters.py --adapters instruct math code shout
+    python recipes/train_adapters.py --base ~/.cache/lata_peft/gemma-3-270m --hub-id google/gemma-3-270m \
+        --autocast bf16 --out examples/experiment/gemma3-270m/seed0
+
+``--base`` is a local folder or a hub id (then it is downloaded, e.g. on a GPU machine);
+``--autocast bf16`` runs the matmuls in bfloat16 with float32 master weights (3x faster on
+CPUs with AMX, standard mixed precision on GPUs).
 """
 
 from __future__ import annotations
@@ -110,7 +116,8 @@ ADAPTERS: dict[str, AdapterSpec] = {
 
 def encode(tokenizer: PreTrainedTokenizerBase, example: Example, max_len: int) -> Encoded | None:
     """Tokenise prompt + response + EOS; ``None`` if it does not fit in ``max_len``."""
-    prompt = tokenizer(format_prompt(example), add_special_tokens=False)["input_ids"]
+    # With the tokenizer's special tokens (Gemma's <bos>), as the evaluation tokenises prompts.
+    prompt = tokenizer(format_prompt(example))["input_ids"]
     response = tokenizer(example.output, add_special_tokens=False)["input_ids"]
     response = [*response, tokenizer.eos_token_id]
     if len(prompt) + len(response) > max_len:
@@ -137,9 +144,10 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], batch_size
     """Mean cross-entropy per response token over ``examples``."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         total += torch.nn.functional.cross_entropy(
@@ -153,6 +161,12 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], batch_size
     return total / max(count, 1)
 
 
+def autocast(args: argparse.Namespace) -> torch.autocast:
+    """bfloat16 matmuls with ``--autocast bf16``; a no-op otherwise."""
+    device_type = torch.device(args.device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+
+
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warmup then linear decay to zero."""
 
@@ -164,9 +178,9 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def save_adapter(model: PeftModel, out_dir: Path) -> None:
+def save_adapter(model: PeftModel, out_dir: Path, hub_id: str) -> None:
     """PEFT ``save_pretrained`` pointing at the hub id, then store the weights as bfloat16."""
-    model.peft_config["default"].base_model_name_or_path = HUB_ID
+    model.peft_config["default"].base_model_name_or_path = hub_id
     # The embeddings are not adapted; False also skips PEFT's hub lookup of the base config.
     model.save_pretrained(out_dir, save_embedding_layers=False)
     (out_dir / "README.md").unlink(missing_ok=True)
@@ -175,8 +189,8 @@ def save_adapter(model: PeftModel, out_dir: Path) -> None:
     save_file(tensors, weights, metadata={"format": "pt"})
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("base_model_name_or_path") != HUB_ID:
-        raise RuntimeError(f"{config_path}: base_model_name_or_path was not set to {HUB_ID}")
+    if config.get("base_model_name_or_path") != hub_id:
+        raise RuntimeError(f"{config_path}: base_model_name_or_path was not set to {hub_id}")
 
 
 def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -196,7 +210,10 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     )
 
     torch.manual_seed(args.seed)
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).to(args.device)
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.enable_input_require_grads()
     lora = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -209,7 +226,8 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     print(f"[{name}] trainable LoRA parameters: {trainable:,}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss_before = heldout_loss(model, heldout, args.batch_size, pad_id)
+    with autocast(args):
+        loss_before = heldout_loss(model, heldout, args.batch_size, pad_id)
     print(f"[{name}] held-out loss before: {loss_before:.4f}", flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -228,8 +246,9 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
             rng.shuffle(fresh)
             order.extend(fresh)
         batch_ids, order = order[: args.batch_size], order[args.batch_size :]
-        batch = collate([train[i] for i in batch_ids], pad_id)
-        loss = model(**batch).loss
+        batch = {k: v.to(args.device) for k, v in collate([train[i] for i in batch_ids], pad_id).items()}
+        with autocast(args):
+            loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -248,7 +267,8 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
             window = []
     train_time = time.perf_counter() - start
 
-    loss_after = heldout_loss(model, heldout, args.batch_size, pad_id)
+    with autocast(args):
+        loss_after = heldout_loss(model, heldout, args.batch_size, pad_id)
     tail = losses[-min(len(losses), args.log_every) :]
     final_train = sum(tail) / len(tail)
     print(
@@ -256,12 +276,15 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
         flush=True,
     )
 
+    precision = "fp32" if args.autocast == "off" else "fp32 master weights with bf16 autocast"
+    cpu = f"{torch.get_num_threads()} CPU threads"
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     out_dir = args.out / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, out_dir)
+    save_adapter(model, out_dir, args.hub_id)
     data_rel = f"shared/data/{spec.relpath}"
     (out_dir / "TRAINING.md").write_text(
-        f"# `{name}` LoRA adapter for {HUB_ID}\n\n"
+        f"# `{name}` LoRA adapter for {args.hub_id}\n\n"
         f"- data: `{data_rel}` ({spec.description}); {len(train)} training examples that fit in "
         f"max_len, {len(heldout)} held out\n"
         f"- prompt: Alpaca-style `### Instruction:` / `### Input:` / `### Response:` template, "
@@ -270,11 +293,11 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
         f"- steps: {args.steps}, batch size: {args.batch_size}, max_len: {args.max_len}, "
         f"seed: {args.seed}\n"
         f"- optimiser: AdamW, lr {args.lr:g} ({warmup} warmup steps, linear decay), "
-        "grad clip 1.0, fp32 training, weights stored as bfloat16\n"
+        f"grad clip 1.0, {precision} training, weights stored as bfloat16\n"
         f"- train loss (mean of last {len(tail)} steps): {final_train:.4f}\n"
         f"- held-out loss: {loss_before:.4f} before -> {loss_after:.4f} after\n"
         f"- wall time: {train_time:.0f}s of training ({train_time / args.steps:.2f}s/step) "
-        f"on a 2-core CPU, torch {torch.__version__}\n",
+        f"on {machine}, torch {torch.__version__}\n",
         encoding="utf-8",
     )
     print(f"[{name}] saved to {out_dir}", flush=True)
@@ -292,11 +315,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=16, help="examples held out for eval")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="prepare_smollm2.py output")
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="a local folder (prepare_base.py) or a hub id")
+    parser.add_argument("--hub-id", help="base_model_name_or_path written into the adapters (default: "
+                        f"{HUB_ID} for the default base, else --base)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for large bases on a GPU")
+    parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                        help="bf16: bfloat16 matmuls, float32 master weights")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder")
     parser.add_argument("--out", type=Path, default=Path("examples/adapters"))
     args = parser.parse_args()
     args.base = args.base.expanduser()
+    if args.hub_id is None:
+        args.hub_id = HUB_ID if args.base == DEFAULT_BASE else str(args.base)
+    if not args.base.exists():  # a hub id: from_pretrained downloads it
+        args.base = str(args.base)
     if args.steps < 1 or args.batch_size < 1 or args.max_len < 8:
         parser.error("--steps and --batch-size must be >= 1, --max-len >= 8")
     return args
@@ -305,8 +338,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    if not (args.base / "config.json").is_file():
-        raise SystemExit(f"no base model in {args.base}; run recipes/prepare_smollm2.py first")
+    if isinstance(args.base, Path) and not (args.base / "config.json").is_file():
+        raise SystemExit(f"no base model in {args.base}; run recipes/prepare_base.py first")
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     overall = time.perf_counter()
     for name in args.adapters:

@@ -1,0 +1,96 @@
+"""The experiment recipe's grid and analysis (recipes/experiment.py): what runs, and how wins are counted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+experiment = pytest.importorskip("experiment")
+
+
+def small_plan() -> dict:
+    return {
+        "adapters": ["instruct", "math", "shout"],
+        "adapter_sets": {0: "a", 1: "b", 2: "c"},
+        "settings": [
+            {"name": "add", "kind": "add", "add": ["math"], "goals": {"math_nll": "min"}},
+            {"name": "forget", "kind": "forget", "forget": ["shout"],
+             "goals": {"shout_nll": "max", "selectivity": "max"}},
+        ],
+        "methods": [{"name": "ta", "method": "ta"}, {"name": "dare", "method": "dare"},
+                    {"name": "lata_linear", "method": "lata"}],
+        "lambdas": {"add": [0.5, 1.0], "forget": [1.0]},
+        "dare_seeds": [0, 1, 2],
+    }
+
+
+def test_grid_counts_and_order() -> None:
+    plan = small_plan()
+    grid = experiment.runs(plan)
+    keys = [experiment.key_of(r) for r in grid]
+    assert len(keys) == len(set(keys))
+    # 1 base + 3 seeds x 3 adapters + 3 seeds x (3 methods x 2 lambdas + 3 methods x 1 lambda)
+    # + DARE-only extra seeds on the first set (3 lambda cells x 2 other seeds)
+    assert len(grid) == 1 + 9 + 3 * 9 + 3 * 2
+    combos = [r for r in grid if r["setting"] != "reference"]
+    main = [r for r in combos if r["seed"] == r["train_seed"]]
+    assert all(r["seed"] == r["train_seed"] for r in combos[: len(main)])
+    lambdas = [r["lambda"] for r in main]
+    # every training seed's lambda = 1 runs come before any lambda = 0.5 run
+    assert lambdas == sorted(lambdas, key=lambda lam: lam != 1.0)
+    first_half = [r for r in main if r["lambda"] == 0.5]
+    assert [r["train_seed"] for r in first_half][:3] == [0, 0, 0]
+    extra = [r for r in combos if r["seed"] != r["train_seed"]]
+    assert {r["method"] for r in extra} == {"dare"} and {r["train_seed"] for r in extra} == {0}
+
+
+def record(train_seed: int, setting: str, method: str, lam: float, **metrics: float) -> dict:
+    return {"train_seed": train_seed, "setting": setting, "method": method, "lambda": lam, "seed": train_seed,
+            "metrics": metrics}
+
+
+def test_selectivity_is_forgetting_per_unit_of_damage() -> None:
+    plan = small_plan()
+    records = [record(0, "reference", "base", 0.0, shout_nll=2.0, instruct_nll=1.5),
+               record(0, "forget", "ta", 1.0, shout_nll=3.0, instruct_nll=1.9)]
+    out = experiment.with_selectivity(records, plan)
+    assert "selectivity" not in out[0]["metrics"]
+    assert out[1]["metrics"]["selectivity"] == pytest.approx((3.0 - 2.0) / (1.9 - 1.5))
+
+
+def test_verdicts_are_paired_over_training_seeds() -> None:
+    plan = small_plan()
+    # math_nll (lower is better): LATA beats TA on every seed, beats DARE on two of three
+    values = {"ta": [1.0, 1.1, 1.2], "dare": [0.95, 0.8, 0.9], "lata_linear": [0.9, 1.0, 0.85]}
+    records = [record(t, "add", m, 1.0, math_nll=v[t]) for m, v in values.items() for t in range(3)]
+    rows = {(r["lata"], r["baseline"]): r for r in experiment.verdicts(records, plan)}
+    assert rows[("lata_linear", "ta")]["outcome"] == "win"
+    assert rows[("lata_linear", "ta")]["mean_gain"] == pytest.approx((0.1 + 0.1 + 0.35) / 3)
+    assert rows[("lata_linear", "dare")]["outcome"] == "tie"
+    worse = [record(t, "add", "lata_linear", 1.0, math_nll=2.0) for t in range(3)]
+    rows = {(r["lata"], r["baseline"]): r for r in experiment.verdicts(records[:6] + worse, plan)}
+    assert rows[("lata_linear", "ta")]["outcome"] == rows[("lata_linear", "dare")]["outcome"] == "loss"
+
+
+def test_maximised_goal_flips_the_sign() -> None:
+    plan = small_plan()
+    records = [record(t, "forget", m, 1.0, shout_nll=v) for t in range(3)
+               for m, v in (("ta", 3.0), ("dare", 3.1), ("lata_linear", 3.05))]
+    rows = {(r["lata"], r["baseline"]): r["outcome"] for r in experiment.verdicts(records, plan)
+            if r["metric"] == "shout_nll"}
+    assert rows == {("lata_linear", "ta"): "win", ("lata_linear", "dare"): "loss"}
+
+
+def test_shipped_plans_name_known_methods_and_adapters() -> None:
+    for path in sorted((RECIPES / "experiments").glob("*.yaml")):
+        plan = yaml.safe_load(path.read_text())
+        assert {"instruct"} <= set(plan["adapters"]), path
+        for setting in plan["settings"]:
+            assert set(setting.get("add", [])) | set(setting.get("forget", [])) <= set(plan["adapters"]), path
+            assert setting["kind"] in plan["lambdas"], path
+        assert experiment.runs(plan), path
