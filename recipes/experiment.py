@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import gzip
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -33,11 +34,11 @@ from train_adapters import Example, format_prompt  # sibling script in recipes/:
 
 import lata_peft
 from lata_peft.evaluate import evaluate
+from lata_peft.evaluate.data import data_root
 from lata_peft.evaluate.loading import load_model, load_tokenizer, prepare_tokenizer, with_adapter
 from lata_peft.evaluate.perplexity import answer_nll
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 BASELINES = ("ta", "ties", "dare", "dare_ties")
 
 # ----------------------------------------------------------------------------- probe sets
@@ -50,12 +51,13 @@ def alpaca_prompt(instruction: str, context: str = "") -> str:
 
 def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]:
     """(prompts, answers) per NLL metric, from real data the adapters were not trained on."""
-    gsm8k = [json.loads(line) for line in (SHARED / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    shared = data_root()
+    gsm8k = [json.loads(line) for line in (shared / "gsm8k" / "test.jsonl").read_text().splitlines()]
     gsm8k = gsm8k[: limits["math"]]
-    with gzip.open(SHARED / "humaneval" / "HumanEval.jsonl.gz", "rt") as handle:
+    with gzip.open(shared / "humaneval" / "HumanEval.jsonl.gz", "rt") as handle:
         humaneval = [json.loads(line) for line in handle][: limits["code"]]
     # Training kept only examples of at most 128 tokens; these (> 700 characters) were never trained on.
-    alpaca = [r for r in json.loads((SHARED / "instruct" / "alpaca_en_demo.json").read_text())
+    alpaca = [r for r in json.loads((shared / "instruct" / "alpaca_en_demo.json").read_text())
               if len(r["instruction"] + r["input"] + r["output"]) > 700][: limits["instruct"]]
     return {
         "math_nll": ([alpaca_prompt(r["question"]) for r in gsm8k], [r["answer"] for r in gsm8k]),
@@ -351,12 +353,30 @@ def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
     out.write_text(text)
 
 
+def load_plan(path: Path) -> dict[str, Any]:
+    """The YAML plan with ``$VARS`` in its strings expanded; an unset variable is an error."""
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, str):
+            expanded = os.path.expandvars(value)
+            if "$" in expanded:
+                raise SystemExit(f"{path}: {value!r} names an environment variable that is not set")
+            return expanded
+        if isinstance(value, dict):
+            return {k: expand(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [expand(v) for v in value]
+        return value
+
+    return expand(yaml.safe_load(path.read_text()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", type=Path)
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plots")
     args = parser.parse_args()
-    plan = yaml.safe_load(args.plan.read_text())
+    plan = load_plan(args.plan)
     results = ROOT / plan["results"]
     results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:

@@ -86,11 +86,24 @@ def test_maximised_goal_flips_the_sign() -> None:
     assert rows == {("lata_linear", "ta"): "win", ("lata_linear", "dare"): "loss"}
 
 
-def test_shipped_plans_name_known_methods_and_adapters() -> None:
-    for path in sorted((RECIPES / "experiments").glob("*.yaml")):
-        plan = yaml.safe_load(path.read_text())
+def test_shipped_plans_name_known_methods_and_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LATA_NAME", "llama-3.1-8b")
+    monkeypatch.setenv("LATA_CACHE", "/cache")
+    paths = sorted((RECIPES / "experiments").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"smollm2", "gemma3-270m", "paper-scale-gpu"}
+    for path in paths:
+        plan = experiment.load_plan(path)
+        assert "$" not in yaml.safe_dump(plan), path
         assert {"instruct"} <= set(plan["adapters"]), path
         for setting in plan["settings"]:
             assert set(setting.get("add", [])) | set(setting.get("forget", [])) <= set(plan["adapters"]), path
             assert setting["kind"] in plan["lambdas"], path
         assert experiment.runs(plan), path
+
+
+def test_plan_with_an_unset_variable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LATA_NAME", raising=False)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("base: /models/${LATA_NAME}\n")
+    with pytest.raises(SystemExit, match=r"plan\.yaml.*LATA_NAME"):
+        experiment.load_plan(plan)
