@@ -320,9 +320,11 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], plots: list[Pa
 
     rows = verdicts(main, plan)
     if rows:
-        lines += ["", "LATA against each baseline, paired over training seeds (win: better on every seed; "
-                  "loss: worse on every seed; else tie). Count of win / tie / loss over the baselines "
-                  + ", ".join(BASELINES) + ":", "",
+        baselines = [m["name"] for m in plan["methods"] if m["name"] in BASELINES]
+        seeds = max(row["n"] for row in rows)
+        lines += ["", f"LATA against each baseline, paired over {seeds} training seed(s) (win: better on every "
+                  "seed; loss: worse on every seed; else tie). Count of win / tie / loss over the baselines "
+                  + ", ".join(baselines) + ":", "",
                   "| setting | lambda | metric | " + " | ".join(m["name"] for m in plan["methods"]
                                                                if m["name"] not in BASELINES) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for m in plan["methods"] if m["name"] not in BASELINES)
