@@ -8,8 +8,10 @@ would quantise is quantised once with bitsandbytes NF4 (``quantize_4bit``) and s
 in transformers' pre-quantised layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.quant_state.bitsandbytes__nf4``, ...), with ``quantization_config`` in
 ``config.json``, so ``AutoModelForCausalLM.from_pretrained(OUT)`` reloads ``Linear4bit``
-modules. A 4-bit base is dequantised once per weight. This is the only module that uses
-bitsandbytes.
+modules. In a 4-bit base, a weight an adapter changes is dequantised once, changed and
+quantised once; the others are copied bit for bit when they are already in the NF4 format
+being written (block size, double quantisation, storage), else requantised once. This is
+the only module that uses bitsandbytes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class FoldResult:
     four_bit: bool
     folded: int
     quantized: int
+    copied: int = 0  # of ``quantized``: 4-bit base weights no adapter touches, copied verbatim
     module_errors: dict[str, float] = field(default_factory=dict)
     total_relative_error: float | None = None
     bytes_written: int = 0
@@ -63,7 +66,8 @@ class FoldResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.out), "four_bit": self.four_bit, "folded_modules": self.folded,
-            "quantized_modules": self.quantized, "bytes_written": self.bytes_written,
+            "quantized_modules": self.quantized, "copied_4bit_modules": self.copied,
+            "bytes_written": self.bytes_written,
             "total_relative_error_4bit_vs_full_precision": self.total_relative_error,
             "module_relative_errors_4bit_vs_full_precision": self.module_errors,
         }
@@ -218,6 +222,13 @@ def _delta(module: LoraModule, weight_shape: torch.Size) -> torch.Tensor:
     return dense.reshape(weight_shape)
 
 
+def _same_format(state: Any, packed: torch.Tensor, blocksize: int, double_quant: bool, storage: str) -> bool:
+    """True if a packed base weight is already NF4 with the block size, double quantisation and
+    storage being written (then requantising it could only add error)."""
+    return (state.quant_type == "nf4" and state.blocksize == blocksize and bool(state.nested) == bool(double_quant)
+            and packed.dtype == getattr(torch, storage))
+
+
 def check_disk_space(base: Path, out: Path, four_bit: bool) -> None:
     """Refuse before writing when the output folder's disk cannot hold the estimated output."""
     needed = sum(p.stat().st_size for p in _weight_files(base))
@@ -273,7 +284,15 @@ def fold_modules(
         if key.endswith(".weight") and f"{key}{QUANT_STATE_SUFFIX}" in file_keys:
             state = {part: handle.get_tensor(f"{key}.{part}") for part in QUANT_STATE_PARTS
                      if f"{key}.{part}" in file_keys}
-            quant_state = bnbf.QuantState.from_dict(state, device=torch.device(device))
+            quant_state = bnbf.QuantState.from_dict(dict(state), device=torch.device(device))  # it edits the dict
+            if key not in targets and _same_format(quant_state, tensor, blocksize, double_quant, storage):
+                # untouched and already in the requested format: copied bit for bit, never requantised
+                writer.add(key, tensor)
+                for part, value in state.items():
+                    writer.add(f"{key}.{part}", value)
+                result.quantized += 1
+                result.copied += 1
+                continue
             weight = bnbf.dequantize_4bit(tensor.to(device), quant_state).float()  # dequantised once
             base_dtype = compute_dtype
         else:

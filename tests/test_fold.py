@@ -136,6 +136,42 @@ def test_four_bit_base_is_dequantised_once(tmp_path, wide):
     torch.testing.assert_close(dequantized(dict(reloaded.named_modules())[name]), bnbf.dequantize_4bit(once, state))
 
 
+def test_four_bit_base_keeps_untouched_weights_bit_for_bit(tmp_path, wide):
+    model, base_dir, _, _ = wide
+    quantized_base = tmp_path / "q4base"
+    AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, **QUANT)).save_pretrained(quantized_base)
+    qv = make_adapter(tmp_path / "qv", model, 13, target_modules=["q_proj", "v_proj"])
+    report = fold(qv, quantized_base, tmp_path / "out")
+    before, after = load_all(quantized_base), load_all(tmp_path / "out")
+    packed = [k for k in before if k.endswith(".weight") and f"{k}.absmax" in before]
+    targeted = [k for k in packed if ".q_proj." in k or ".v_proj." in k]
+    untouched = [k for k in packed if k not in targeted]
+    assert len(targeted) == 4 and len(untouched) == 10
+    assert report["fold"]["copied_4bit_modules"] == len(untouched)
+    assert report["fold"]["quantized_modules"] == len(packed)
+    for key in untouched:  # the packed bytes and every part of the quant state
+        for part in [key, *(k for k in before if k.startswith(f"{key}."))]:
+            assert torch.equal(before[part], after[part]), part
+    for key in targeted:
+        assert not torch.equal(before[key], after[key]), key
+    reloaded = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").named_modules())
+    base4 = dict(AutoModelForCausalLM.from_pretrained(quantized_base, device_map="cpu").named_modules())
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(dequantized(reloaded[name]), dequantized(base4[name]))
+
+
+def load_all(folder):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+
+
 # --------------------------------------------------------------------------------------------- bad input
 
 
