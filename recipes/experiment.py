@@ -77,7 +77,8 @@ def measure(model: Any, tokenizer: Any, probes: dict[str, tuple[list[str], list[
             config: dict[str, Any]) -> dict[str, float]:
     device = next(model.parameters()).device
     with precision(config, device):
-        metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=8, max_length=512).mean
+        batch = config.get("nll_batch", 8)  # a 262k vocabulary (Gemma) makes 8 x 512 fp32 logits 4 GB
+        metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=batch, max_length=512).mean
                    for name, (p, a) in probes.items()}
         wikitext = evaluate(model, "wikitext2", tokenizer=tokenizer, limit=config["wikitext_tokens"],
                             max_length=512, stride=256, batch_size=4)
