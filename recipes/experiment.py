@@ -150,7 +150,7 @@ def key_of(run: dict[str, Any]) -> str:
     return f"{run['train_seed']}|{run['setting']}|{run['method']}|{run['lambda']}|{run['seed']}"
 
 
-def run_grid(plan: dict[str, Any], results_path: Path) -> None:
+def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | None = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(plan.get("threads", 2))
     done = {key_of(r): r for r in json.loads(results_path.read_text())} if results_path.exists() else {}
@@ -158,7 +158,7 @@ def run_grid(plan: dict[str, Any], results_path: Path) -> None:
     model = load_model(base, device=plan.get("device"), dtype=plan.get("dtype"))
     tokenizer = prepare_tokenizer(load_tokenizer(base))
     probes = probe_sets(plan["limits"])
-    grid = runs(plan)
+    grid = [r for r in runs(plan) if lambdas is None or r["setting"] == "reference" or r["lambda"] in lambdas]
     with tempfile.TemporaryDirectory() as scratch:
         for index, run in enumerate(grid):
             if key_of(run) in done:
@@ -378,12 +378,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", type=Path)
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plots")
+    parser.add_argument("--lambdas", type=float, nargs="+", help="run only these lambdas now (the rest later)")
     args = parser.parse_args()
     plan = load_plan(args.plan)
     results = ROOT / plan["results"]
     results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:
-        run_grid(plan, results)
+        run_grid(plan, results, args.lambdas)
     write_report(plan, results, ROOT / plan["report"])
 
 
