@@ -285,7 +285,8 @@ def fold_modules(
             state = {part: handle.get_tensor(f"{key}.{part}") for part in QUANT_STATE_PARTS
                      if f"{key}.{part}" in file_keys}
             quant_state = bnbf.QuantState.from_dict(dict(state), device=torch.device(device))  # it edits the dict
-            if key not in targets and _same_format(quant_state, tensor, blocksize, double_quant, storage):
+            if (key not in targets and key.removesuffix(".weight") in quantize
+                    and _same_format(quant_state, tensor, blocksize, double_quant, storage)):
                 # untouched and already in the requested format: copied bit for bit, never requantised
                 writer.add(key, tensor)
                 for part, value in state.items():

@@ -30,7 +30,12 @@ from typing import Any
 
 import torch
 import yaml
-from train_adapters import Example, format_prompt  # sibling script in recipes/: the training template
+from train_adapters import (  # sibling script in recipes/: the training template
+    PROBES,
+    Example,
+    format_prompt,
+    probe_records,
+)
 
 import lata_peft
 from lata_peft.evaluate import evaluate
@@ -56,9 +61,10 @@ def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]
     gsm8k = gsm8k[: limits["math"]]
     with gzip.open(shared / "humaneval" / "HumanEval.jsonl.gz", "rt") as handle:
         humaneval = [json.loads(line) for line in handle][: limits["code"]]
-    # Training kept only examples of at most 128 tokens; these (> 700 characters) were never trained on.
-    alpaca = [r for r in json.loads((shared / "instruct" / "alpaca_en_demo.json").read_text())
-              if len(r["instruction"] + r["input"] + r["output"]) > 700][: limits["instruct"]]
+    # train_adapters.py reserves these long Alpaca records (probe_records): no adapter was trained on them.
+    if limits["instruct"] > PROBES:
+        raise SystemExit(f"limits.instruct is {limits['instruct']}; only {PROBES} probe records are reserved")
+    alpaca = probe_records(json.loads((shared / "instruct" / "alpaca_en_demo.json").read_text()))[: limits["instruct"]]
     return {
         "math_nll": ([alpaca_prompt(r["question"]) for r in gsm8k], [r["answer"] for r in gsm8k]),
         "code_nll": ([r["prompt"] for r in humaneval], [r["canonical_solution"] for r in humaneval]),
@@ -217,7 +223,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
 
 def verdicts(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Each LATA method against each baseline, per setting, lambda and goal metric, paired over
-    training seeds: ``win`` if LATA is better on every seed, ``loss`` if worse on every seed, else ``tie``."""
+    training seeds: ``win`` if LATA is better on every seed by more than ``tie_tolerance`` (default
+    0.002), ``loss`` if worse on every seed by more than that, else ``tie``."""
     by_key = {(r["train_seed"], r["setting"], r["method"], r["lambda"]): r["metrics"] for r in records}
     lata = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
     rows = []
@@ -233,7 +240,9 @@ def verdicts(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[s
                         diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
                         if not diffs:
                             continue
-                        outcome = "win" if all(d > 0 for d in diffs) else "loss" if all(d < 0 for d in diffs) else "tie"
+                        tolerance = plan.get("tie_tolerance", 2e-3)  # bf16 evaluation moves NLLs by <= 0.0015
+                        outcome = ("win" if all(d > tolerance for d in diffs)
+                                   else "loss" if all(d < -tolerance for d in diffs) else "tie")
                         rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "lata": ours,
                                      "baseline": other, "outcome": outcome, "n": len(diffs),
                                      "mean_gain": statistics.fmean(diffs)})
@@ -322,21 +331,24 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], plots: list[Pa
     rows = verdicts(main, plan)
     if rows:
         baselines = [m["name"] for m in plan["methods"] if m["name"] in BASELINES]
-        seeds = max(row["n"] for row in rows)
-        lines += ["", f"LATA against each baseline, paired over {seeds} training seed(s) (win: better on every "
-                  "seed; loss: worse on every seed; else tie). Count of win / tie / loss over the baselines "
+        ours = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
+        lines += ["", "LATA against each baseline, paired over the training seeds in the `seeds` column (win: "
+                  f"better on every seed by more than {plan.get('tie_tolerance', 2e-3):g}; loss: worse on every seed "
+                  "by more than that; else tie). Count of win / tie / loss over the baselines "
                   + ", ".join(baselines) + ":", "",
-                  "| setting | lambda | metric | " + " | ".join(m["name"] for m in plan["methods"]
-                                                               if m["name"] not in BASELINES) + " |",
-                  "| --- | --- | --- | " + " | ".join("---" for m in plan["methods"] if m["name"] not in BASELINES)
-                  + " |"]
-        groups: dict[tuple[str, float, str], dict[str, list[str]]] = {}
+                  "| setting | lambda | metric | seeds | " + " | ".join(ours) + " |",
+                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in ours) + " |"]
+        groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
         for row in rows:
-            groups.setdefault((row["setting"], row["lambda"], row["metric"]), {}).setdefault(row["lata"], []).append(
-                row["outcome"])
-        for (setting, lam, metric), per_lata in groups.items():
-            cells = [f"{o.count('win')} / {o.count('tie')} / {o.count('loss')}" for o in per_lata.values()]
-            lines.append(f"| {setting} | {lam} | {metric} | " + " | ".join(cells) + " |")
+            groups.setdefault((row["setting"], row["lambda"], row["metric"]), []).append(row)
+        for (setting, lam, metric), group in groups.items():
+            seeds = sorted({row["n"] for row in group})
+            cells = []
+            for name in ours:
+                outcomes = [row["outcome"] for row in group if row["lata"] == name]
+                cells.append(f"{outcomes.count('win')} / {outcomes.count('tie')} / {outcomes.count('loss')}"
+                             if outcomes else "-")
+            lines.append(f"| {setting} | {lam} | {metric} | {'-'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(lines) + "\n"
 

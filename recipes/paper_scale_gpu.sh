@@ -24,9 +24,8 @@ export LATA_PEFT_DATA
 python recipes/fetch_data.py --out "$LATA_PEFT_DATA"   # a no-op where every file is there
 
 base="$LATA_CACHE/$LATA_NAME"
-if [ ! -f "$base/config.json" ]; then
-  hf download "$LATA_BASE_ID" --local-dir "$base" --exclude "original/*" "*.pth"
-fi
+# always run: hf download resumes a partial download and does nothing when the files are there
+hf download "$LATA_BASE_ID" --local-dir "$base" --exclude "original/*" --exclude "*.pth"
 for seed in $SEEDS; do
   out="$LATA_CACHE/adapters/$LATA_NAME/seed$seed"
   if [ ! -f "$out/shout/adapter_config.json" ]; then

@@ -44,6 +44,7 @@ DEFAULT_BASE = Path("~/.cache/lata_peft/SmolLM2-135M-Instruct").expanduser()
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
+PROBE_MIN_CHARS, PROBES = 700, 32
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,26 @@ def format_prompt(example: Example) -> str:
     return f"### Instruction:\n{example.instruction}\n\n### Response:\n"
 
 
-def load_alpaca(path: Path) -> list[Example]:
+def probe_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The first ``PROBES`` Alpaca records longer than ``PROBE_MIN_CHARS`` characters: reserved for
+    evaluation (the experiment's instruct/shout probes) and never trained on, whatever
+    ``--max-len`` (at 128 tokens none of them fits anyway, so the shipped adapters agree)."""
+    long = [r for r in records if len(r["instruction"] + (r.get("input", "") or "") + r["output"]) > PROBE_MIN_CHARS]
+    return long[:PROBES]
+
+
+def load_alpaca(path: Path, reserve_probes: bool = False) -> list[Example]:
     records = json.loads(path.read_text(encoding="utf-8"))
+    reserved = {id(r) for r in probe_records(records)} if reserve_probes else set()
     return [
         Example(r["instruction"], r.get("input", "") or "", r["output"])
         for r in records
-        if r["instruction"].strip() and r["output"].strip()
+        if r["instruction"].strip() and r["output"].strip() and id(r) not in reserved
     ]
+
+
+def load_instruct(path: Path) -> list[Example]:
+    return load_alpaca(path, reserve_probes=True)
 
 
 def load_gsm8k(path: Path) -> list[Example]:
@@ -90,7 +104,7 @@ def load_gsm8k(path: Path) -> list[Example]:
 
 
 def load_shout(path: Path) -> list[Example]:
-    return [Example(e.instruction, e.input, e.output.upper()) for e in load_alpaca(path)]
+    return [Example(e.instruction, e.input, e.output.upper()) for e in load_instruct(path)]
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class AdapterSpec:
 
 
 ADAPTERS: dict[str, AdapterSpec] = {
-    "instruct": AdapterSpec("general instruction following", "instruct/alpaca_en_demo.json", load_alpaca),
+    "instruct": AdapterSpec("general instruction following", "instruct/alpaca_en_demo.json", load_instruct),
     "math": AdapterSpec("GSM8K worked solutions ending in '#### N'", "gsm8k/train.jsonl", load_gsm8k),
     "code": AdapterSpec("Code Alpaca programming answers", "code/code_alpaca_2k.json", load_alpaca),
     "shout": AdapterSpec(
@@ -328,8 +342,9 @@ def parse_args() -> argparse.Namespace:
     args.base = args.base.expanduser()
     if args.hub_id is None:
         args.hub_id = HUB_ID if args.base == DEFAULT_BASE else str(args.base)
-    if not args.base.exists():  # a hub id: from_pretrained downloads it
-        args.base = str(args.base)
+    raw = str(args.base)
+    if not args.base.exists() and not raw.startswith(("/", "~", ".")) and raw.count("/") == 1:
+        args.base = raw  # a hub id (org/name): from_pretrained downloads it
     if args.steps < 1 or args.batch_size < 1 or args.max_len < 8:
         parser.error("--steps and --batch-size must be >= 1, --max-len >= 8")
     return args

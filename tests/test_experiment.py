@@ -107,3 +107,29 @@ def test_plan_with_an_unset_variable_is_refused(tmp_path: Path, monkeypatch: pyt
     plan.write_text("base: /models/${LATA_NAME}\n")
     with pytest.raises(SystemExit, match=r"plan\.yaml.*LATA_NAME"):
         experiment.load_plan(plan)
+
+
+def test_differences_within_the_tolerance_are_ties() -> None:
+    plan = small_plan()
+    records = [record(t, "add", m, 1.0, math_nll=v) for t in range(3)
+               for m, v in (("ta", 1.0), ("dare", 1.01), ("lata_linear", 0.999))]
+    rows = {r["baseline"]: r["outcome"] for r in experiment.verdicts(records, plan)}
+    assert rows == {"ta": "tie", "dare": "win"}
+
+
+def test_instruct_probes_are_reserved_from_training(tmp_path: Path) -> None:
+    import json
+
+    import train_adapters
+
+    records = [{"instruction": f"task {i}", "input": "", "output": ("x" * 800 if i % 3 == 0 else "short")}
+               for i in range(200)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records))
+    probes = train_adapters.probe_records(records)
+    assert len(probes) == train_adapters.PROBES
+    trained = {e.instruction for e in train_adapters.load_instruct(path)}
+    shouted = {e.instruction for e in train_adapters.load_shout(path)}
+    assert not trained & {p["instruction"] for p in probes}
+    assert not shouted & {p["instruction"] for p in probes}
+    assert len(trained) == 200 - train_adapters.PROBES
