@@ -303,10 +303,9 @@ def cell(values: tuple[float, float, int] | None) -> str:
     return f"{mean:.4f} ± {spread:.4f} ({n})" if n > 1 else f"{mean:.4f}"
 
 
-def markdown(plan: dict[str, Any], records: list[dict[str, Any]], plots: list[Path]) -> str:
-    records = with_selectivity(records, plan)
+def markdown(plan: dict[str, Any], records: list[dict[str, Any]], summary: dict[str, Any], plots: list[Path]) -> str:
+    """``records`` with selectivity added; ``summary`` is ``summarise(main_records(records))``."""
     main = main_records(records)
-    summary = summarise(main)
     metrics = list(dict.fromkeys(m for r in main for m in r["metrics"]))
     lines = ["Mean ± standard deviation over training seeds (n in brackets; DARE/DARE-TIES seeded by the "
              "training seed). Lower is better except `shout_nll` in forgetting and `selectivity`.", "",
@@ -355,17 +354,21 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], plots: list[Pa
 
 def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
     tag = plan.get("tag", results_path.stem)
-    records = json.loads(results_path.read_text())
-    summary = summarise(main_records(with_selectivity(records, plan)))
+    records = with_selectivity(json.loads(results_path.read_text()), plan)
+    summary = summarise(main_records(records))
     plots = [*write_plots(summary, plan, out.parent, tag), layer_plot(plan, out.parent, tag)]
     begin, end = f"<!-- results:{tag} -->", f"<!-- /results:{tag} -->"
-    block = f"{begin}\n\n{markdown(plan, records, plots)}\n{end}"
+    block = f"{begin}\n\n{markdown(plan, records, summary, plots)}\n{end}"
     text = out.read_text() if out.exists() else ""
     if begin in text and end in text:
         text = text.split(begin)[0] + block + text.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     out.write_text(text)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be run; ``main`` reports it in one line with exit code 2."""
 
 
 def load_plan(path: Path) -> dict[str, Any]:
@@ -375,7 +378,7 @@ def load_plan(path: Path) -> dict[str, Any]:
         if isinstance(value, str):
             expanded = os.path.expandvars(value)
             if "$" in expanded:
-                raise SystemExit(f"{path}: {value!r} names an environment variable that is not set")
+                raise PlanError(f"{path}: {value!r} names an environment variable that is not set")
             return expanded
         if isinstance(value, dict):
             return {k: expand(v) for k, v in value.items()}
@@ -392,7 +395,10 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plots")
     parser.add_argument("--lambdas", type=float, nargs="+", help="run only these lambdas now (the rest later)")
     args = parser.parse_args()
-    plan = load_plan(args.plan)
+    try:
+        plan = load_plan(args.plan)
+    except (OSError, yaml.YAMLError, PlanError) as exc:
+        parser.error(f"{args.plan}: {exc}" if not isinstance(exc, PlanError) else str(exc))
     results = ROOT / plan["results"]
     results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:

@@ -105,7 +105,7 @@ def test_plan_with_an_unset_variable_is_refused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv("LATA_NAME", raising=False)
     plan = tmp_path / "plan.yaml"
     plan.write_text("base: /models/${LATA_NAME}\n")
-    with pytest.raises(SystemExit, match=r"plan\.yaml.*LATA_NAME"):
+    with pytest.raises(experiment.PlanError, match=r"plan\.yaml.*LATA_NAME"):
         experiment.load_plan(plan)
 
 
