@@ -18,7 +18,6 @@ a complete comparison at lambda = 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import json
 import os
@@ -33,6 +32,7 @@ import yaml
 from train_adapters import (  # sibling script in recipes/: the training template
     PROBES,
     Example,
+    autocast,
     format_prompt,
     probe_records,
 )
@@ -74,15 +74,10 @@ def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]
     }
 
 
-def precision(config: dict[str, Any], device: torch.device) -> contextlib.AbstractContextManager:
-    """``autocast: bf16`` runs the matmuls in bfloat16 (weights stay float32); else full precision."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.get("autocast") == "bf16")
-
-
 def measure(model: Any, tokenizer: Any, probes: dict[str, tuple[list[str], list[str]]],
             config: dict[str, Any]) -> dict[str, float]:
     device = next(model.parameters()).device
-    with precision(config, device):
+    with autocast(device, config.get("autocast")):
         batch = config.get("nll_batch", 8)  # a 262k vocabulary (Gemma) makes 8 x 512 fp32 logits 4 GB
         metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=batch, max_length=512).mean
                    for name, (p, a) in probes.items()}

@@ -175,10 +175,10 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], batch_size
     return total / max(count, 1)
 
 
-def autocast(args: argparse.Namespace) -> torch.autocast:
-    """bfloat16 matmuls with ``--autocast bf16``; a no-op otherwise."""
-    device_type = torch.device(args.device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+def autocast(device: str | torch.device, mode: str | None) -> torch.autocast:
+    """bfloat16 matmuls (weights stay float32) when ``mode`` is ``"bf16"``; a no-op otherwise.
+    Shared by training (``--autocast``) and the experiment (``metrics.autocast``)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -240,7 +240,7 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
     print(f"[{name}] trainable LoRA parameters: {trainable:,}", flush=True)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with autocast(args):
+    with autocast(args.device, args.autocast):
         loss_before = heldout_loss(model, heldout, args.batch_size, pad_id)
     print(f"[{name}] held-out loss before: {loss_before:.4f}", flush=True)
 
@@ -261,7 +261,7 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
             order.extend(fresh)
         batch_ids, order = order[: args.batch_size], order[args.batch_size :]
         batch = {k: v.to(args.device) for k, v in collate([train[i] for i in batch_ids], pad_id).items()}
-        with autocast(args):
+        with autocast(args.device, args.autocast):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -281,7 +281,7 @@ def train_one(name: str, args: argparse.Namespace, tokenizer: PreTrainedTokenize
             window = []
     train_time = time.perf_counter() - start
 
-    with autocast(args):
+    with autocast(args.device, args.autocast):
         loss_after = heldout_loss(model, heldout, args.batch_size, pad_id)
     tail = losses[-min(len(losses), args.log_every) :]
     final_train = sum(tail) / len(tail)
