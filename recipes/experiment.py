@@ -151,6 +151,29 @@ def key_of(run: dict[str, Any]) -> str:
     return f"{run['train_seed']}|{run['setting']}|{run['method']}|{run['lambda']}|{run['seed']}"
 
 
+def save_json(path: Path, value: Any) -> None:
+    """Write ``path`` atomically: a killed run leaves the previous results whole."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(value, indent=1))
+    os.replace(staging, path)
+
+
+def check_inputs(plan: dict[str, Any]) -> None:
+    """Every adapter folder and the base the plan names exist, before hours of runs start."""
+    problems = []
+    base = Path(plan["base"]).expanduser()
+    if not (base / "config.json").is_file():
+        problems.append(f"base {base}: no config.json (see the plan's first lines for how to build it)")
+    for train_seed in plan["adapter_sets"]:
+        folders = adapter_paths(plan, train_seed)
+        missing = [name for name, folder in folders.items() if not (folder / "adapter_config.json").is_file()]
+        if missing:
+            where = next(iter(folders.values())).parent
+            problems.append(f"training seed {train_seed}: {where} lacks the adapter(s) {', '.join(missing)}")
+    if problems:
+        raise PlanError("; ".join(problems))
+
+
 def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | None = None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(plan.get("threads", 2))
@@ -171,7 +194,7 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
                 metrics = measure(active, tokenizer, probes, plan["metrics"])
             record = {**run, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
             done[key_of(run)] = record
-            results_path.write_text(json.dumps(list(done.values()), indent=1))
+            save_json(results_path, list(done.values()))
             print(f"[{index + 1}/{len(grid)}] {key_of(run)} "
                   + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" ({record['seconds']}s)", flush=True)
 
@@ -397,6 +420,10 @@ def main() -> None:
     results = ROOT / plan["results"]
     results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:
+        try:
+            check_inputs(plan)
+        except PlanError as exc:
+            parser.error(f"{args.plan}: {exc}")
         run_grid(plan, results, args.lambdas)
     write_report(plan, results, ROOT / plan["report"])
 

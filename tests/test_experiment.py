@@ -133,3 +133,23 @@ def test_instruct_probes_are_reserved_from_training(tmp_path: Path) -> None:
     assert not trained & {p["instruction"] for p in probes}
     assert not shouted & {p["instruction"] for p in probes}
     assert len(trained) == 200 - train_adapters.PROBES
+
+
+def test_missing_inputs_are_named_before_any_run(tmp_path: Path) -> None:
+    plan = small_plan()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    for seed, folder in plan["adapter_sets"].items():
+        for name in plan["adapters"]:
+            if (seed, name) != (1, "shout"):
+                (tmp_path / folder / name).mkdir(parents=True)
+                (tmp_path / folder / name / "adapter_config.json").write_text("{}")
+    plan = {**plan, "base": str(tmp_path / "base"),
+            "adapter_sets": {s: str(tmp_path / f) for s, f in plan["adapter_sets"].items()}}
+    with pytest.raises(experiment.PlanError, match=r"training seed 1: .*b lacks the adapter\(s\) shout$"):
+        experiment.check_inputs(plan)
+    (tmp_path / "b" / "shout").mkdir()
+    (tmp_path / "b" / "shout" / "adapter_config.json").write_text("{}")
+    experiment.check_inputs(plan)
+    with pytest.raises(experiment.PlanError, match=r"no config\.json"):
+        experiment.check_inputs({**plan, "base": str(tmp_path / "nowhere")})
