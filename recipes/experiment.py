@@ -239,26 +239,53 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
     return summary
 
 
-def verdicts(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+def tuned_lambdas(records: list[dict[str, Any]], plan: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """``{(setting, method, metric): lambda}``: each method's best lambda for each goal metric, by the
+    mean over training seeds, among the lambdas run on as many seeds as that method's best-covered one."""
+    best = {}
+    for setting in plan["settings"]:
+        for method in (m["name"] for m in plan["methods"]):
+            runs_ = [r for r in records if r["setting"] == setting["name"] and r["method"] == method]
+            by_lambda: dict[float, list[dict[str, float]]] = {}
+            for record in runs_:
+                by_lambda.setdefault(record["lambda"], []).append(record["metrics"])
+            if not by_lambda:
+                continue
+            coverage = max(len(v) for v in by_lambda.values())
+            covered = {lam: v for lam, v in by_lambda.items() if len(v) == coverage}
+            for metric, goal in setting["goals"].items():
+                sign = 1.0 if goal == "max" else -1.0
+                best[(setting["name"], method, metric)] = max(
+                    covered, key=lambda lam: sign * statistics.fmean(m[metric] for m in covered[lam]))
+    return best
+
+
+def verdicts(records: list[dict[str, Any]], plan: dict[str, Any], tuned: bool = False) -> list[dict[str, Any]]:
     """Each LATA method against each baseline, per setting, lambda and goal metric, paired over
     training seeds: ``win`` if LATA is better on every seed by more than ``tie_tolerance`` (default
-    0.002), ``loss`` if worse on every seed by more than that, else ``tie``."""
+    0.002), ``loss`` if worse on every seed by more than that, else ``tie``. With ``tuned``, each
+    method runs at its own best lambda for the metric (``tuned_lambdas``; lambda reads "best")."""
     by_key = {(r["train_seed"], r["setting"], r["method"], r["lambda"]): r["metrics"] for r in records}
+    best = tuned_lambdas(records, plan) if tuned else {}
     lata = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
+    tolerance = plan.get("tie_tolerance", 2e-3)  # bf16 evaluation moves NLLs by <= 0.0015
+
+    def value(train_seed: int, setting: str, method: str, lam: float | str, metric: str) -> float | None:
+        at = best.get((setting, method, metric)) if lam == "best" else lam
+        return by_key.get((train_seed, setting, method, at), {}).get(metric)
+
     rows = []
     for setting in plan["settings"]:
-        for lam in plan["lambdas"][setting["kind"]]:
+        for lam in ["best"] if tuned else plan["lambdas"][setting["kind"]]:
             for metric, goal in setting["goals"].items():
                 sign = 1.0 if goal == "max" else -1.0
                 for ours in lata:
                     for other in (m["name"] for m in plan["methods"] if m["name"] in BASELINES):
-                        pairs = [(by_key.get((t, setting["name"], ours, lam), {}).get(metric),
-                                  by_key.get((t, setting["name"], other, lam), {}).get(metric))
-                                 for t in plan["adapter_sets"]]
+                        pairs = [(value(t, setting["name"], ours, lam, metric),
+                                  value(t, setting["name"], other, lam, metric)) for t in plan["adapter_sets"]]
                         diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
                         if not diffs:
                             continue
-                        tolerance = plan.get("tie_tolerance", 2e-3)  # bf16 evaluation moves NLLs by <= 0.0015
                         outcome = ("win" if all(d > tolerance for d in diffs)
                                    else "loss" if all(d < -tolerance for d in diffs) else "tie")
                         rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "lata": ours,
@@ -345,14 +372,15 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], summary: dict[
             lines.append(f"| {setting} | {method} | {lam} | "
                          + " | ".join(cell(values.get(m)) for m in metrics) + " |")
 
-    rows = verdicts(main, plan)
+    rows = verdicts(main, plan) + verdicts(main, plan, tuned=True)
     if rows:
         baselines = [m["name"] for m in plan["methods"] if m["name"] in BASELINES]
         ours = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
         lines += ["", "LATA against each baseline, paired over the training seeds in the `seeds` column (win: "
                   f"better on every seed by more than {plan.get('tie_tolerance', 2e-3):g}; loss: worse on every seed "
-                  "by more than that; else tie). Count of win / tie / loss over the baselines "
-                  + ", ".join(baselines) + ":", "",
+                  "by more than that; else tie). Lambda `best`: each method at its own best lambda for that "
+                  "metric (mean over seeds), as merge methods are usually compared. Count of win / tie / loss "
+                  "over the baselines " + ", ".join(baselines) + ":", "",
                   "| setting | lambda | metric | seeds | " + " | ".join(ours) + " |",
                   "| --- | --- | --- | --- | " + " | ".join("---" for _ in ours) + " |"]
         groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}

@@ -153,3 +153,19 @@ def test_missing_inputs_are_named_before_any_run(tmp_path: Path) -> None:
     experiment.check_inputs(plan)
     with pytest.raises(experiment.PlanError, match=r"no config\.json"):
         experiment.check_inputs({**plan, "base": str(tmp_path / "nowhere")})
+
+
+def test_tuned_verdicts_compare_each_method_at_its_own_best_lambda() -> None:
+    plan = small_plan()
+    # TA is best at lambda 0.5, LATA at lambda 1; LATA at 1 beats TA at 0.5 on every seed, though it
+    # loses to TA at 0.5. A lambda run on one seed only (TA, 1.0 on seed 0) is not eligible.
+    values = {("ta", 0.5): [1.0, 1.0, 1.0], ("lata_linear", 0.5): [1.2, 1.2, 1.2],
+              ("lata_linear", 1.0): [0.9, 0.95, 0.97]}
+    records = [record(t, "add", m, lam, math_nll=v[t]) for (m, lam), v in values.items() for t in range(3)]
+    records.append(record(0, "add", "ta", 1.0, math_nll=0.1))
+    assert experiment.tuned_lambdas(records, plan)[("add", "ta", "math_nll")] == 0.5
+    assert experiment.tuned_lambdas(records, plan)[("add", "lata_linear", "math_nll")] == 1.0
+    at_half = {r["baseline"]: r["outcome"] for r in experiment.verdicts(records, plan) if r["lambda"] == 0.5}
+    tuned = {r["baseline"]: (r["outcome"], r["n"]) for r in experiment.verdicts(records, plan, tuned=True)}
+    assert at_half == {"ta": "loss"}
+    assert tuned == {"ta": ("win", 3)}
