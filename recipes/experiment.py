@@ -46,6 +46,11 @@ from lata_peft.evaluate.perplexity import answer_nll
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("ta", "ties", "dare", "dare_ties")
 
+
+class PlanError(ValueError):
+    """A plan that cannot be run; ``main`` reports it in one line with exit code 2."""
+
+
 # ----------------------------------------------------------------------------- probe sets
 
 
@@ -72,6 +77,32 @@ def probe_sets(limits: dict[str, int]) -> dict[str, tuple[list[str], list[str]]]
         "shout_nll": ([alpaca_prompt(r["instruction"], r["input"]) for r in alpaca],
                       [r["output"].upper() for r in alpaca]),
     }
+
+
+def custom_probes(spec: dict[str, dict[str, Any]]) -> dict[str, tuple[list[str], list[str]]]:
+    """The plan's ``probes``: your own behaviours, each a JSONL file of records measured as the mean
+    NLL of ``record[answer]`` given ``record[prompt]`` (wrapped in the Alpaca template with
+    ``template: alpaca``), over the first ``limit`` records.
+
+    ``{metric: {file, prompt, answer, template: raw|alpaca, limit}}``; ``file`` is relative to the
+    repo root unless absolute. A missing file or field is a :class:`PlanError`.
+    """
+    probes = {}
+    for metric, entry in spec.items():
+        path = ROOT / Path(entry["file"]).expanduser()
+        try:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"probe {metric!r}: {path}: {exc}") from exc
+        records = records[: entry.get("limit", len(records))]
+        fields = (entry.get("prompt", "prompt"), entry.get("answer", "answer"))
+        bad = next((i for i, r in enumerate(records) if not all(isinstance(r.get(f), str) for f in fields)), None)
+        if bad is not None or not records:
+            where = f"record {bad + 1}" if bad is not None else "no records"
+            raise PlanError(f"probe {metric!r}: {path}: {where} lacks the text fields {fields[0]!r}, {fields[1]!r}")
+        wrap = alpaca_prompt if entry.get("template", "raw") == "alpaca" else str
+        probes[metric] = ([wrap(r[fields[0]]) for r in records], [r[fields[1]] for r in records])
+    return probes
 
 
 def measure(model: Any, tokenizer: Any, probes: dict[str, tuple[list[str], list[str]]],
@@ -158,8 +189,22 @@ def save_json(path: Path, value: Any) -> None:
     os.replace(staging, path)
 
 
+def check_metrics(plan: dict[str, Any]) -> None:
+    """Every metric a setting's goals, plot or selectivity names is one the plan measures."""
+    measured = {"math_nll", "code_nll", "instruct_nll", "shout_nll", "wikitext2_ppl", *plan.get("probes", {})}
+    measured |= {"gsm8k_em"} if plan.get("metrics", {}).get("gsm8k_generate") else set()
+    measured |= {"humaneval_pass1"} if plan.get("metrics", {}).get("humaneval_generate") else set()
+    for setting in plan["settings"]:
+        named = {*setting["goals"], *setting.get("plot", []), *setting.get("selectivity", {}).values()}
+        unknown = sorted(named - measured - ({"selectivity"} if setting["kind"] == "forget" else set()))
+        if unknown:
+            raise PlanError(f"setting {setting['name']!r} names metrics the plan does not measure: "
+                            f"{', '.join(unknown)} (measured: {', '.join(sorted(measured))})")
+
+
 def check_inputs(plan: dict[str, Any]) -> None:
     """Every adapter folder and the base the plan names exist, before hours of runs start."""
+    check_metrics(plan)
     problems = []
     base = Path(plan["base"]).expanduser()
     if not (base / "config.json").is_file():
@@ -170,6 +215,10 @@ def check_inputs(plan: dict[str, Any]) -> None:
         if missing:
             where = next(iter(folders.values())).parent
             problems.append(f"training seed {train_seed}: {where} lacks the adapter(s) {', '.join(missing)}")
+    try:
+        custom_probes(plan.get("probes", {}))
+    except PlanError as exc:
+        problems.append(str(exc))
     if problems:
         raise PlanError("; ".join(problems))
 
@@ -181,7 +230,7 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
     base = Path(plan["base"]).expanduser()
     model = load_model(base, device=plan.get("device"), dtype=plan.get("dtype"))
     tokenizer = prepare_tokenizer(load_tokenizer(base))
-    probes = probe_sets(plan["limits"])
+    probes = {**probe_sets(plan["limits"]), **custom_probes(plan.get("probes", {}))}
     grid = [r for r in runs(plan) if lambdas is None or r["setting"] == "reference" or r["lambda"] in lambdas]
     with tempfile.TemporaryDirectory() as scratch:
         for index, run in enumerate(grid):
@@ -203,16 +252,19 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
 
 
 def with_selectivity(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Forget settings gain ``selectivity`` = (shout NLL - base) / (instruct NLL - base): forgetting
-    bought per unit of instruction following lost (higher is better)."""
+    """Forget settings gain ``selectivity`` = (forgotten NLL - base) / (kept NLL - base): forgetting
+    bought per unit of utility lost (higher is better). The setting's ``selectivity: {forgotten, kept}``
+    names the two metrics (default ``shout_nll`` and ``instruct_nll``)."""
     base = next((r["metrics"] for r in records if r["method"] == "base"), None)
-    kinds = {s["name"]: s["kind"] for s in plan["settings"]}
+    forget = {s["name"]: s.get("selectivity", {}) for s in plan["settings"] if s["kind"] == "forget"}
     out = []
     for record in records:
-        if base and kinds.get(record["setting"]) == "forget":
+        if base and record["setting"] in forget:
             metrics = record["metrics"]
-            damage = metrics["instruct_nll"] - base["instruct_nll"]
-            gained = metrics["shout_nll"] - base["shout_nll"]
+            forgotten = forget[record["setting"]].get("forgotten", "shout_nll")
+            kept = forget[record["setting"]].get("kept", "instruct_nll")
+            damage = metrics[kept] - base[kept]
+            gained = metrics[forgotten] - base[forgotten]
             selectivity = gained / damage if damage > 1e-9 else float("nan")
             record = {**record, "metrics": {**metrics, "selectivity": selectivity}}
         out.append(record)
@@ -411,10 +463,6 @@ def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     out.write_text(text)
-
-
-class PlanError(ValueError):
-    """A plan that cannot be run; ``main`` reports it in one line with exit code 2."""
 
 
 def load_plan(path: Path) -> dict[str, Any]:

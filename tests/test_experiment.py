@@ -89,6 +89,8 @@ def test_maximised_goal_flips_the_sign() -> None:
 def test_shipped_plans_name_known_methods_and_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LATA_NAME", "llama-3.1-8b")
     monkeypatch.setenv("LATA_CACHE", "/cache")
+    for name, value in {"LATA_BASE": "/base", "LATA_ADAPTERS": "/adapters", "LATA_PROBES": "/style.jsonl"}.items():
+        monkeypatch.setenv(name, value)
     paths = sorted((RECIPES / "experiments").glob("*.yaml"))
     assert {p.stem for p in paths} >= {"smollm2", "gemma3-270m", "paper-scale-gpu"}
     for path in paths:
@@ -99,6 +101,16 @@ def test_shipped_plans_name_known_methods_and_adapters(monkeypatch: pytest.Monke
             assert set(setting.get("add", [])) | set(setting.get("forget", [])) <= set(plan["adapters"]), path
             assert setting["kind"] in plan["lambdas"], path
         assert experiment.runs(plan), path
+        experiment.check_metrics(plan)
+
+
+def test_a_goal_the_plan_does_not_measure_is_refused() -> None:
+    plan = {**small_plan(), "metrics": {"wikitext_tokens": 16}}
+    experiment.check_metrics(plan)
+    plan["settings"][0]["goals"] = {"pirate_nll": "min"}
+    with pytest.raises(experiment.PlanError, match=r"'add' names metrics the plan does not measure: pirate_nll"):
+        experiment.check_metrics(plan)
+    experiment.check_metrics({**plan, "probes": {"pirate_nll": {"file": "x.jsonl"}}})
 
 
 def test_plan_with_an_unset_variable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,3 +181,28 @@ def test_tuned_verdicts_compare_each_method_at_its_own_best_lambda() -> None:
     tuned = {r["baseline"]: (r["outcome"], r["n"]) for r in experiment.verdicts(records, plan, tuned=True)}
     assert at_half == {"ta": "loss"}
     assert tuned == {"ta": ("win", 3)}
+
+
+def test_custom_probes_read_your_own_behaviours(tmp_path: Path) -> None:
+    probes = tmp_path / "pirate.jsonl"
+    probes.write_text('{"q": "Greet me.", "a": "Ahoy!"}\n\n{"q": "Say bye.", "a": "Fair winds!"}\n'
+                      '{"q": "Third", "a": "cut by the limit"}\n')
+    spec = {"pirate_nll": {"file": str(probes), "prompt": "q", "answer": "a", "limit": 2},
+            "pirate_alpaca_nll": {"file": str(probes), "prompt": "q", "answer": "a", "template": "alpaca"}}
+    out = experiment.custom_probes(spec)
+    assert out["pirate_nll"] == (["Greet me.", "Say bye."], ["Ahoy!", "Fair winds!"])
+    prompts, answers = out["pirate_alpaca_nll"]
+    assert len(prompts) == 3 and prompts[0] == experiment.alpaca_prompt("Greet me.") != "Greet me."
+    assert "Greet me." in prompts[0] and answers[2] == "cut by the limit"
+    with pytest.raises(experiment.PlanError, match=r"'pirate_nll'.*pirate\.jsonl: record 1 lacks .*'question'"):
+        experiment.custom_probes({"pirate_nll": {"file": str(probes), "prompt": "question", "answer": "a"}})
+    with pytest.raises(experiment.PlanError, match=r"missing\.jsonl"):
+        experiment.custom_probes({"x_nll": {"file": str(tmp_path / "missing.jsonl")}})
+
+
+def test_selectivity_uses_the_settings_own_metrics() -> None:
+    plan = small_plan()
+    plan["settings"][1]["selectivity"] = {"forgotten": "pirate_nll", "kept": "math_nll"}
+    records = [record(0, "reference", "base", 0.0, pirate_nll=2.0, math_nll=1.0, shout_nll=0.0, instruct_nll=0.0),
+               record(0, "forget", "ta", 1.0, pirate_nll=2.6, math_nll=1.2, shout_nll=9.0, instruct_nll=9.0)]
+    assert experiment.with_selectivity(records, plan)[1]["metrics"]["selectivity"] == pytest.approx(0.6 / 0.2)
