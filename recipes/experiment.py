@@ -182,10 +182,10 @@ def key_of(run: dict[str, Any]) -> str:
     return f"{run['train_seed']}|{run['setting']}|{run['method']}|{run['lambda']}|{run['seed']}"
 
 
-def save_json(path: Path, value: Any) -> None:
-    """Write ``path`` atomically: a killed run leaves the previous results whole."""
+def replace_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a killed run leaves the previous file (results, report) whole."""
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=1))
+    staging.write_text(text)
     os.replace(staging, path)
 
 
@@ -243,7 +243,7 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
                 metrics = measure(active, tokenizer, probes, plan["metrics"])
             record = {**run, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
             done[key_of(run)] = record
-            save_json(results_path, list(done.values()))
+            replace_text(results_path, json.dumps(list(done.values()), indent=1))
             print(f"[{index + 1}/{len(grid)}] {key_of(run)} "
                   + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()) + f" ({record['seconds']}s)", flush=True)
 
@@ -462,7 +462,7 @@ def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
         text = text.split(begin)[0] + block + text.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    out.write_text(text)
+    replace_text(out, text)
 
 
 def load_plan(path: Path) -> dict[str, Any]:
