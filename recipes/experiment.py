@@ -494,13 +494,15 @@ def main() -> None:
     except (OSError, yaml.YAMLError, PlanError) as exc:
         parser.error(f"{args.plan}: {exc}" if not isinstance(exc, PlanError) else str(exc))
     results = ROOT / plan["results"]
-    results.parent.mkdir(parents=True, exist_ok=True)
     if not args.report:
         try:
             check_inputs(plan)
         except PlanError as exc:
             parser.error(f"{args.plan}: {exc}")
+        results.parent.mkdir(parents=True, exist_ok=True)
         run_grid(plan, results, args.lambdas)
+    elif not results.is_file():
+        parser.error(f"{args.plan}: no results to report yet ({results}); run the plan first")
     write_report(plan, results, ROOT / plan["report"])
 
 
