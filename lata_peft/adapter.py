@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from .errors import LataError
+from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
+from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
+from .errors import LataError, first_line, shorten
 from .lowrank import LowRank
 
 CONFIG_NAME = "adapter_config.json"
@@ -37,15 +37,6 @@ BASE_LAYER_SUFFIX = ".base_layer.weight"  # embedding weights PEFT saves when it
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
-# Fields whose presence means the adapter is more than plain LoRA factors.
-_UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA adapters (use_dora=true) are not supported yet",
-    "lora_bias": "LoRA bias terms (lora_bias=true) can't be combined as factored deltas",
-    "layer_replication": "layer_replication adapters are not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-}
-
-
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted module: its weight-space delta and how to write it back as PEFT tensors.
@@ -129,67 +120,53 @@ def _sha256(path: Path) -> str:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """Parse ``adapter_config.json`` and refuse what is not plain LoRA."""
+    """Parse ``adapter_config.json``; refuse what is not plain LoRA or has a bad value (``check_config``)."""
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise LataError(f"{config_path}: missing (not a PEFT adapter folder)")
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LataError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LataError(f"{config_path}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise LataError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters can be combined")
-    for key, problem in _UNSUPPORTED_FLAGS.items():
-        if config.get(key):
-            raise LataError(f"{config_path}: {problem}")
-    if config.get("modules_to_save"):
-        raise LataError(
-            f"{config_path}: modules_to_save={config['modules_to_save']} are full trained weights, "
-            "not low-rank task vectors; they can't be combined (remove them from the adapter first)"
-        )
-    if config.get("bias", "none") != "none":
-        raise LataError(f"{config_path}: bias={config['bias']!r} trains bias terms; only bias='none' is supported")
-    return config
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints past the digit limit, deep nesting
+        raise LataError(f"{config_path}: not valid JSON ({first_line(exc)})") from None
+    except OSError as exc:
+        raise LataError(f"{config_path}: can't be read ({first_line(exc)})") from None
+    return check_config(config, config_path)
 
 
 def read_tensors(folder: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
-    """The adapter's tensors from safetensors, or from a pickled ``.bin`` with ``allow_pickle``."""
+    """The adapter's tensors from safetensors, or from a pickled ``.bin`` with ``allow_pickle``.
+
+    Every tensor is dense floating point (float16, bfloat16, float32 or float64), else one
+    :class:`LataError` line; so is every malformed file (see ``adapter_weights``).
+    """
     safetensors_path = folder / SAFETENSORS_NAME
     pickle_path = folder / PICKLE_NAME
     if safetensors_path.is_file():
-        try:
-            return load_file(safetensors_path), safetensors_path
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise LataError(f"{safetensors_path}: corrupt or truncated safetensors file ({exc})") from None
-    if pickle_path.is_file():
+        tensors, path = read_safetensors(safetensors_path), safetensors_path
+    elif pickle_path.is_file():
         if not allow_pickle:
             raise LataError(
                 f"{pickle_path}: pickled weights can run code when loaded; refused "
                 "(convert to safetensors, or pass --allow-pickle to load with weights_only=True)"
             )
-        try:
-            tensors = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            lines = str(exc).splitlines() or [""]
-            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-            raise LataError(f"{pickle_path}: could not be read with weights_only=True ({reason})") from None
-        return dict(tensors), pickle_path
-    raise LataError(f"{folder}: no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
+        tensors, path = read_pickle(pickle_path), pickle_path
+    else:
+        raise LataError(f"{folder}: no {SAFETENSORS_NAME} (or {PICKLE_NAME})")
+    check_floating(tensors, path)
+    return tensors, path
 
 
 def module_scale(config: dict[str, Any], module: str, rank: int) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; alpha from ``alpha_pattern`` if it matches."""
     alpha_pattern = config.get("alpha_pattern") or {}
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", DEFAULT_ALPHA))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
 def expected_rank(config: dict[str, Any], module: str) -> int:
+    """The rank the config gives ``module``: ``rank_pattern`` if a key matches, else ``r``."""
     rank_pattern = config.get("rank_pattern") or {}
-    return int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8)))
+    return int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", DEFAULT_R)))
 
 
 def _weight_space(kind: str, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,44 +198,75 @@ def _module_kind(embedding: bool, A: torch.Tensor, fan_in_fan_out: bool) -> str:
     return "linear_t" if fan_in_fan_out else "linear"
 
 
-def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, LoraModule]:
-    """Group ``<module>.lora_A/lora_B`` tensors into :class:`LoraModule` deltas, checking each."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+def _name(name: str) -> str:
+    """A module or tensor name for a message, cut to 100 characters."""
+    return first_line(name, 100)
+
+
+def _pair_factors(tensors: dict[str, torch.Tensor], source: Path) -> tuple[dict[str, dict[str, str]], set[str]]:
+    """``{module: {"lora_A": key, "lora_B": key}}`` and the embedding modules, from the tensor keys."""
+    pairs: dict[str, dict[str, str]] = {}
     embeddings: set[str] = set()
-    for key, tensor in tensors.items():
+    for key in tensors:
         bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         match = _LORA_KEY.match(bare)
         if match is None:
             if "lora_magnitude_vector" in key:
-                raise LataError(f"{source}: DoRA magnitude vectors ({key}) are not supported yet")
+                raise LataError(f"{source}: DoRA magnitude vectors ({_name(key)}) are not supported yet")
             raise LataError(
-                f"{source}: tensor {key!r} is not a LoRA factor (modules_to_save or bias weights can't be combined)"
+                f"{source}: tensor {shorten(key)} is not a LoRA factor "
+                "(modules_to_save or bias weights can't be combined)"
             )
-        pairs.setdefault(match["module"], {})[match["part"].replace("embedding_", "")] = tensor
+        part = match["part"].replace("embedding_", "")
+        parts = pairs.setdefault(match["module"], {})
+        if part in parts:
+            raise LataError(f"{source}: tensors {_name(parts[part])} and {_name(key)} are the same LoRA factor")
+        parts[part] = key
         if match["part"].startswith("lora_embedding"):
             embeddings.add(match["module"])
+    return pairs, embeddings
+
+
+def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor, torch.Tensor], embedding: bool,
+                 norms: tuple[float, float], source: Path) -> LoraModule:
+    """One module's factors checked (shapes, rank, values) and turned into a weight-space delta."""
+    A, B = factors
+    label = _name(name)
+    shapes = f"A{tuple(A.shape)} B{tuple(B.shape)}"
+    if A.ndim < 2 or B.ndim != A.ndim or (embedding and A.ndim != 2) or 0 in (*A.shape, *B.shape):
+        raise LataError(f"{source}: module {label} has factor shapes {shapes}, not a LoRA pair")
+    kind = _module_kind(embedding, A, config.get("fan_in_fan_out", False))
+    rank = A.shape[0]
+    if B.shape[1] != rank or any(d != 1 for d in B.shape[2:]):
+        raise LataError(f"{source}: module {label} has inconsistent factor shapes {shapes}")
+    if rank != expected_rank(config, name):
+        raise LataError(
+            f"{source}: module {label} has rank {rank} but the config (r / rank_pattern) says "
+            f"{expected_rank(config, name)}"
+        )
+    scale = module_scale(config, name, rank)
+    check_factor_values(_name(name), (A, B), norms, scale, source)
+    B_w, A_w = _weight_space(kind, A, B)
+    return LoraModule(name, LowRank(B_w, A_w, scale), kind, tuple(A.shape), tuple(B.shape))
+
+
+def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, LoraModule]:
+    """Group ``<module>.lora_A/lora_B`` tensors into :class:`LoraModule` deltas, checking each.
+
+    ``config`` is a checked config (:func:`~lata_peft.adapter_config.check_config`).
+    """
+    pairs, embeddings = _pair_factors(tensors, source)
+    norms = factor_norms(tensors)
     modules: dict[str, LoraModule] = {}
     for name, parts in sorted(pairs.items()):
         if "lora_A" not in parts or "lora_B" not in parts:
             missing = "lora_A" if "lora_A" not in parts else "lora_B"
-            raise LataError(f"{source}: module {name} has no {missing} tensor")
-        A, B = parts["lora_A"], parts["lora_B"]
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise LataError(f"{source}: module {name} has NaN or Inf weights")
-        kind = _module_kind(name in embeddings, A, bool(config.get("fan_in_fan_out")))
-        rank = A.shape[0]
-        consistent = B.ndim >= 2 and B.shape[1] == rank and all(d == 1 for d in B.shape[2:])
-        if not consistent:
-            shapes = f"A{tuple(A.shape)} B{tuple(B.shape)}"
-            raise LataError(f"{source}: module {name} has inconsistent factor shapes {shapes}")
-        if rank != expected_rank(config, name):
-            raise LataError(
-                f"{source}: module {name} has rank {rank} but the config (r / rank_pattern) says "
-                f"{expected_rank(config, name)}"
-            )
-        B_w, A_w = _weight_space(kind, A, B)
-        delta = LowRank(B_w, A_w, module_scale(config, name, rank))
-        modules[name] = LoraModule(name, delta, kind, tuple(A.shape), tuple(B.shape))
+            raise LataError(f"{source}: module {_name(name)} has no {missing} tensor")
+        keys = (parts["lora_A"], parts["lora_B"])
+        factors = (tensors[keys[0]], tensors[keys[1]])
+        modules[name] = _load_module(
+            config, name, factors, name in embeddings, (norms[keys[0]], norms[keys[1]]), source
+        )
     if not modules:
         raise LataError(f"{source}: holds no LoRA tensors")
     return modules
@@ -268,13 +276,17 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     """Load a PEFT LoRA adapter folder (or hub id) as factored weight-space deltas.
 
     Raises :class:`LataError` naming the file for every bad input: missing or corrupt
-    files, non-LoRA types, DoRA, NaN/Inf, pickles without ``allow_pickle``, shapes that
-    disagree with the config.
+    files, non-LoRA types, config values of the wrong type or range, DoRA, NaN/Inf,
+    non-floating-point weights, pickles without ``allow_pickle``, shapes that disagree
+    with the config.
     """
     folder = resolve_adapter_path(source)
     config = read_config(folder)
     tensors, weights_path = read_tensors(folder, allow_pickle)
     base_layers = {key: tensors.pop(key) for key in list(tensors) if key.endswith(BASE_LAYER_SUFFIX)}
+    for key, tensor in base_layers.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise LataError(f"{weights_path}: tensor {_name(key)} has NaN or Inf weights")
     modules = parse_modules(config, tensors, weights_path)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32

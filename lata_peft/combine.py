@@ -10,7 +10,7 @@ and factor back (truncated SVD) with the error reported.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -110,48 +110,41 @@ def combine(
     density: float = 0.5,
     seed: int = 0,
     sign_method: str = "total",
-    layer_regex: str | None = None,
+    blocks: Mapping[str, int | None] | None = None,
     on_module: Callable[[str], None] | None = None,
 ) -> Combination:
     """Combine every module adapted by any input into one factored module.
 
     ``coefficient(t, module)`` is the signed weight of adapter ``t`` on ``module``; terms
     with weight 0 are skipped, and a module whose terms are all 0 is not written.
+    ``blocks`` maps each module to its block (for the report).
     """
     with serial() if method.factored else nullcontext():
-        return _combine(adapters, coefficient, method, policy, density, seed, sign_method, layer_regex, on_module)
-
-
-def _combine(adapters, coefficient, method, policy, density, seed, sign_method, layer_regex, on_module) -> Combination:
-    names = sorted({name for adapter in adapters for name in adapter.modules})
-    modules: dict[str, LoraModule] = {}
-    reports: list[ModuleReport] = []
-    for name in names:
-        terms = []
-        for index, adapter in enumerate(adapters):
-            if name in adapter.modules and (c := coefficient(index, name)) != 0.0:
-                terms.append((c, adapter.modules[name].delta))
-        if terms:
-            if method.factored:
-                delta, error, relative = _combine_factored(terms, policy)
-            else:
-                delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
-            template = next(a.modules[name] for a in adapters if name in a.modules)
-            modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape)
-            reports.append(
-                ModuleReport(
-                    module=name,
-                    block=block_index(name, layer_regex),
-                    input_ranks=[d.rank for _, d in terms],
-                    coefficients=[c for c, _ in terms],
-                    rank=delta.rank,
-                    error=error,
-                    relative_error=relative,
-                )
-            )
-        if on_module is not None:
-            on_module(name)
+        modules: dict[str, LoraModule] = {}
+        reports: list[ModuleReport] = []
+        for name, inputs in _by_module(adapters).items():
+            terms = [(c, module.delta) for index, module in inputs if (c := coefficient(index, name)) != 0.0]
+            if terms:
+                if method.factored:
+                    delta, error, relative = _combine_factored(terms, policy)
+                else:
+                    delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
+                template = inputs[0][1]
+                modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape)
+                block = blocks.get(name) if blocks is not None else block_index(name)
+                reports.append(ModuleReport(name, block, [d.rank for _, d in terms], [c for c, _ in terms],
+                                            delta.rank, error, relative))
+            if on_module is not None:
+                on_module(name)
     if not modules:
         raise LataError("every coefficient is zero: nothing to write")
     return Combination(modules, reports)
 
+
+def _by_module(adapters: Sequence[Adapter]) -> dict[str, list[tuple[int, LoraModule]]]:
+    """``{module: [(input index, its LoraModule), ...]}`` in module-name order, built in one pass."""
+    grouped: dict[str, list[tuple[int, LoraModule]]] = {}
+    for index, adapter in enumerate(adapters):
+        for name, module in adapter.modules.items():
+            grouped.setdefault(name, []).append((index, module))
+    return dict(sorted(grouped.items()))

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from .errors import LataError
 from .lowrank import LowRank
+from .models import resolve_model
 
 __all__ = ["DenseInstruction", "inner_dense"]
 
@@ -31,9 +32,7 @@ class DenseInstruction:
     """Reads ``W_instruct - W_base`` for one module at a time from two transformers model folders."""
 
     def __init__(self, base: str | Path, instruct: str | Path) -> None:
-        from .fold import resolve_base
-
-        self.base, self.instruct = resolve_base(base), resolve_base(instruct)
+        self.base, self.instruct = resolve_model(base), resolve_model(instruct)
         self.name = f"{self.instruct.name}-minus-{self.base.name}"
         self._base_index = self._index(self.base)
         self._instruct_index = self._index(self.instruct)

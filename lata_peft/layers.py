@@ -15,11 +15,11 @@ error unless the user gives ``layer_regex`` (one capture group: the block index)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .errors import LataError
 
-__all__ = ["BLOCK_PATTERN", "block_index", "group_by_block"]
+__all__ = ["BLOCK_PATTERN", "block_index", "blocks_of", "group_by_block"]
 
 BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
 OUTSIDE_BLOCKS = re.compile(
@@ -53,9 +53,18 @@ def block_index(module: str, layer_regex: str | None = None) -> int | None:
     )
 
 
-def group_by_block(modules: Iterable[str], layer_regex: str | None = None) -> dict[int | None, list[str]]:
-    """``{block: [module, ...]}`` with blocks in ascending order (``None`` last)."""
+def group_by_block(
+    modules: Iterable[str], layer_regex: str | None = None, blocks: Mapping[str, int | None] | None = None
+) -> dict[int | None, list[str]]:
+    """``{block: [module, ...]}`` with blocks in ascending order (``None`` last); ``blocks`` gives
+    the block of each module when the caller has computed them already."""
     groups: dict[int | None, list[str]] = {}
     for module in modules:
-        groups.setdefault(block_index(module, layer_regex), []).append(module)
+        block = blocks[module] if blocks is not None else block_index(module, layer_regex)
+        groups.setdefault(block, []).append(module)
     return dict(sorted(groups.items(), key=lambda item: (item[0] is None, item[0] or 0)))
+
+
+def blocks_of(modules: Iterable[str], layer_regex: str | None = None) -> dict[str, int | None]:
+    """``{module: block}`` for every module, computed once per run and handed down the pipeline."""
+    return {module: block_index(module, layer_regex) for module in modules}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["METHODS", "Method", "module_generator"]
+__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "Method", "module_generator"]
 
 DenseMerge = Callable[[torch.Tensor, torch.Tensor, float, torch.Generator, str], torch.Tensor]
 
@@ -103,6 +103,10 @@ METHODS: dict[str, Method] = {
     "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum"),
     "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election"),
 }
+
+
+METHOD_NAMES = ("lata", *METHODS)  # ``lata``: task arithmetic with LATA layer weights
+SIGN_METHODS = ("total", "frequency")
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:

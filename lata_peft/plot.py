@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .api import InspectResult
+from typing import Any
 
 __all__ = ["plot_layers"]
 
 
-def plot_layers(result: InspectResult, path: Path, scheme: str = "linear") -> Path:
-    """Blocks on x; one line per adapter: norm (or cosine) on top, weight of ``scheme`` below."""
+def plot_layers(adapters: dict[str, dict[str, Any]], path: Path, scheme: str = "linear") -> Path:
+    """Blocks on x; one line per adapter (``InspectResult.adapters``): norm on top, then the cosine
+    with the instruction vector and the weight of ``scheme`` when scored."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = any(row["cosine"] is not None for a in result.adapters.values() for row in a["layers"])
+    scored = any(row["cosine"] is not None for a in adapters.values() for row in a["layers"])
     panels = 3 if scored else 1
     fig, axes = plt.subplots(panels, 1, figsize=(9, 2.6 * panels + 0.6), sharex=True, squeeze=False)
     axes = axes[:, 0]
-    for label, adapter in result.adapters.items():
+    for label, adapter in adapters.items():
         rows = [r for r in adapter["layers"] if r["layer"] is not None and r.get("module") is None]
         layers = [r["layer"] for r in rows]
         axes[0].plot(layers, [r["norm"] for r in rows], marker="o", ms=3, label=label)

@@ -1,8 +1,8 @@
-"""YAML recipes: one file = one API call.
+"""YAML recipes: one file = one verb's spec = one API call.
 
 ```yaml
 # lata-peft run recipes/math_code_lata.yaml
-combine:                  # the verb: combine | inspect | fold
+combine:                  # the verb: combine | inspect | fold | compare
   adapters: [examples/adapters/math, examples/adapters/code]
   instruction: examples/adapters/instruct
   method: lata
@@ -10,55 +10,70 @@ combine:                  # the verb: combine | inspect | fold
   out: out/math_code_lata
 ```
 
-Keys are the API function's arguments (``lambda`` may be written for ``lam``); relative
-paths are taken from the current directory, as on the command line.
+Keys are the spec's fields under their recipe names (``lambda``, ``4bit``); values are checked
+by the spec, with the same messages as the CLI. Relative paths are taken from the current
+directory, as on the command line.
 """
 
 from __future__ import annotations
 
-import inspect as _inspect
-from collections.abc import Callable
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import api
 from .errors import LataError
+from .spec import Spec, shorten
+from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
 
-__all__ = ["load_recipe", "run_recipe"]
+__all__ = ["VERBS", "load_recipe", "run_recipe", "run_spec"]
 
-ALIASES = {"lambda": "lam"}
-NOT_IN_RECIPES = {"progress"}
-
-
-def _verbs() -> dict[str, Callable[..., Any]]:
-    from . import api
-
-    return {"combine": api.combine, "inspect": api.inspect, "fold": api.fold}
+VERBS: dict[str, type[Spec]] = {spec.verb: spec for spec in (CombineSpec, InspectSpec, FoldSpec, CompareSpec)}
+MAX_RECIPE_BYTES = 1 << 20
 
 
-def load_recipe(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """Parse and validate a recipe: ``(verb, arguments)``; unknown keys are an error naming the file."""
-    path = Path(path)
+def _document(path: Path) -> Any:
     if not path.is_file():
         raise LataError(f"{path}: no such recipe file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise LataError(f"{path}: larger than {MAX_RECIPE_BYTES >> 10} KiB; not a recipe")
     try:
-        document = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LataError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise LataError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    verbs = _verbs()
-    if not isinstance(document, dict) or len(document) != 1 or next(iter(document)) not in verbs:
-        raise LataError(f"{path}: a recipe is one mapping with a single key, one of: {', '.join(verbs)}")
-    verb, arguments = next(iter(document.items()))
-    arguments = {ALIASES.get(k, k): v for k, v in (arguments or {}).items()}
-    allowed = set(_inspect.signature(verbs[verb]).parameters) - NOT_IN_RECIPES
-    unknown = sorted(set(arguments) - allowed)
-    if unknown:
-        raise LataError(f"{path}: unknown {verb} key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return verb, arguments
+    except RecursionError:
+        raise LataError(f"{path}: nested too deeply to be a recipe") from None
 
 
-def run_recipe(path: str | Path, **overrides: Any) -> Any:
-    """Run the recipe's single API call; ``overrides`` (e.g. ``overwrite=True``) win over the file."""
-    verb, arguments = load_recipe(path)
-    return _verbs()[verb](**{**arguments, **overrides})
+def load_recipe(path: str | Path) -> Spec:
+    """Parse and validate a recipe into its verb's spec; every problem is one line naming the file."""
+    path = Path(path)
+    document = _document(path)
+    if not isinstance(document, dict) or len(document) != 1 or next(iter(document)) not in VERBS:
+        raise LataError(f"{path}: a recipe is one mapping with a single key, one of: {', '.join(VERBS)} "
+                        f"(got {shorten(document, 60)})")
+    verb, options = next(iter(document.items()))
+    return VERBS[verb].from_mapping(options, source=str(path))
+
+
+def run_spec(spec: Spec, **runtime: Any) -> Any:
+    """Call the verb of ``spec`` (``runtime``: e.g. ``progress``)."""
+    function = {"combine": api.combine, "inspect": api.inspect, "fold": api.fold, "compare": api.compare}[spec.verb]
+    return function(spec, **runtime)
+
+
+def run_recipe(path: str | Path, progress: Any = None, **overrides: Any) -> Any:
+    """Run the recipe's single API call; ``overrides`` (e.g. ``overwrite=True``, ``out=...``) win over the file."""
+    spec = load_recipe(path)
+    if overrides:
+        try:
+            spec = dataclasses.replace(spec, **overrides)
+        except TypeError:
+            names = ", ".join(sorted(overrides))
+            raise LataError(f"{path}: {spec.verb} recipes do not take {names}") from None
+    runtime = {"progress": progress} if spec.verb in ("combine", "fold", "compare") else {}
+    return run_spec(spec, **runtime)

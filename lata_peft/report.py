@@ -1,20 +1,24 @@
-"""Provenance and per-layer tables: what ``lata_report.json`` and ``inspect`` contain."""
+"""``lata_report.json``: renders what a run did (spec, inputs with sha256, layer weights,
+per-module ranks and errors) from the pipeline's typed results. It computes nothing."""
 
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Sequence
-from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from ._version import __version__
 from .adapter import Adapter
 from .combine import Combination
-from .instruction import DenseInstruction
-from .scoring import score_layers
-from .weighting import SCHEMES, LayerWeighting, layer_weights
+from .spec import Spec
 
-__all__ = ["build_report", "layer_table", "now"]
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import Inputs
+    from .specs import CombineSpec
+    from .weighting import LayerWeights
+
+__all__ = ["adapter_entry", "combine_report", "header", "now"]
 
 
 def now() -> str:
@@ -22,63 +26,43 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def layer_table(
-    task: Adapter,
-    instruction: Adapter | DenseInstruction,
-    weighting: LayerWeighting,
-    granularity: str,
-    layer_regex: str | None,
-) -> list[dict[str, Any]]:
-    """Per scored unit: norms, cosine, the chosen scheme's weight and every scheme's weight."""
-    scores = score_layers(task, instruction, granularity, layer_regex)
-    cosines = [s.cosine for s in scores]
-    every = {name: layer_weights(cosines, replace(weighting, scheme=name)) for name in SCHEMES}
-    chosen = every[weighting.scheme]
-    return [
-        {**s.to_dict(), "weight": chosen[i], "weights": {name: every[name][i] for name in SCHEMES}}
-        for i, s in enumerate(scores)
-    ]
+def header(spec: Spec) -> dict[str, Any]:
+    """Version, time, verb, and every option of the spec under its recipe key."""
+    return {"lata_peft_version": __version__, "created": now(), "verb": spec.verb, **spec.record()}
 
 
-def build_report(
-    tasks: Sequence[Adapter],
-    labels: Sequence[str],
-    signs: Sequence[float],
-    scales: Sequence[float],
-    instruction: Adapter | DenseInstruction | None,
-    combination: Combination,
-    tables: dict[str, list[dict[str, Any]]],
-    seconds: float,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    """``lata_report.json``: provenance (paths, sha256), options, layer weights, per-module errors."""
-    inputs = [
-        {
-            "label": label,
-            "path": str(task.path.resolve()),
-            "role": "task" if sign > 0 else "forget",
-            "weight": scale,
-            "base_model": task.base_model,
-            "sha256": task.sha256,
-        }
-        for label, task, sign, scale in zip(labels, tasks, signs, scales, strict=True)
-    ]
+def adapter_entry(adapter: Adapter, label: str, role: str, weight: float | None) -> dict[str, Any]:
+    """One input: where it was read from, its role and weight, its base model and file hashes."""
+    return {"label": label, "path": str(adapter.path.resolve()), "role": role, "weight": weight,
+            "base_model": adapter.base_model, "sha256": adapter.sha256}
+
+
+def _inputs(inputs: Inputs) -> list[dict[str, Any]]:
+    entries = [adapter_entry(task, label, "task" if sign > 0 else "forget", scale)
+               for label, task, sign, scale in zip(inputs.labels, inputs.tasks, inputs.signs, inputs.scales,
+                                                   strict=True)]
+    instruction = inputs.instruction
     if isinstance(instruction, Adapter):
-        inputs.append({
-            "label": instruction.name, "path": str(instruction.path.resolve()), "role": "instruction",
-            "weight": None, "base_model": instruction.base_model, "sha256": instruction.sha256,
-        })
+        entries.append(adapter_entry(instruction, instruction.name, "instruction", None))
     elif instruction is not None:
-        inputs.append({"label": instruction.name, "path": f"{instruction.instruct} - {instruction.base}",
-                       "role": "instruction", "weight": None, "base_model": None, "sha256": None})
+        entries.append({"label": instruction.name, "path": f"{instruction.instruct} - {instruction.base}",
+                        "role": "instruction", "weight": None, "base_model": None, "sha256": None})
+    return entries
+
+
+def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | None, combination: Combination,
+                   dtype: torch.dtype, seconds: float) -> dict[str, Any]:
+    """The report of one ``combine``: the spec (as resolved), inputs, layer weights, per-module results."""
     ranks = [r.rank for r in combination.reports]
     parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
     return {
-        "lata_peft_version": __version__,
-        "created": now(),
-        **options,
-        "inputs": inputs,
-        "layer_weights": tables,
+        **header(spec),
+        "lata": spec.uses_lata,
+        "scheme": spec.scheme if spec.uses_lata else None,
+        "rank": str(spec.rank_policy),
+        "dtype": str(dtype).removeprefix("torch."),
+        "inputs": _inputs(inputs),
+        "layer_weights": weights.table() if weights is not None else {},
         "summary": {
             "modules": len(combination.modules),
             "parameters": parameters,

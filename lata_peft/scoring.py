@@ -9,12 +9,13 @@ side's norm and nothing to the inner product.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from .adapter import Adapter
 from .instruction import DenseInstruction, inner_dense
-from .layers import block_index, group_by_block
+from .layers import group_by_block
 from .lowrank import cosine_from, inner, serial
 
 __all__ = ["LayerScore", "score_layers"]
@@ -63,22 +64,25 @@ def score_layers(
     instruction: Adapter | DenseInstruction,
     granularity: str = "block",
     layer_regex: str | None = None,
+    blocks: Mapping[str, int | None] | None = None,
 ) -> list[LayerScore]:
     """Cosine of ``task`` with ``instruction`` per block (or per module), in block order.
 
     ``instruction`` is an adapter, or a :class:`DenseInstruction` (instruct minus base
     model), of which only the modules the task adapter targets are read. Modules outside
-    the blocks (embeddings, heads) are not scored.
+    the blocks (embeddings, heads) are not scored. ``blocks`` (module -> block) replaces
+    ``layer_regex`` when the caller has computed it.
     """
     # factored products are (r x r): one thread; the dense (out x in) path keeps torch's threads
     with serial() if isinstance(instruction, Adapter) else nullcontext():
-        return _score_all(task, instruction, granularity, layer_regex)
+        return _score_all(task, instruction, granularity, layer_regex, blocks)
 
 
 def _score_all(
-    task: Adapter, instruction: Adapter | DenseInstruction, granularity: str, layer_regex: str | None
+    task: Adapter, instruction: Adapter | DenseInstruction, granularity: str, layer_regex: str | None,
+    blocks: Mapping[str, int | None] | None,
 ) -> list[LayerScore]:
-    task_blocks = group_by_block(task.modules, layer_regex)
+    task_blocks = group_by_block(task.modules, layer_regex, blocks)
     if isinstance(instruction, DenseInstruction):
         scores = []
         for layer, names in task_blocks.items():
@@ -90,7 +94,7 @@ def _score_all(
                 module = unit[0] if granularity == "module" else None
                 scores.append(LayerScore(layer, module, task_norm, instruction_norm, cosine))
         return scores
-    instruction_blocks = group_by_block(instruction.modules, layer_regex)
+    instruction_blocks = group_by_block(instruction.modules, layer_regex, blocks)
     scores: list[LayerScore] = []
     for layer, names in task_blocks.items():
         if layer is None:
@@ -104,9 +108,3 @@ def _score_all(
             scores.append(LayerScore(layer, None, task_norm, instruction_norm, cosine))
     return scores
 
-
-
-def unit_of(module: str, granularity: str, layer_regex: str | None = None) -> tuple[int | None, str | None]:
-    """The scoring unit a module belongs to: ``(block, None)`` or, per module, ``(block, module)``."""
-    layer = block_index(module, layer_regex)
-    return (layer, module) if granularity == "module" else (layer, None)

@@ -1,15 +1,16 @@
-"""Checks across inputs and on the output path; each failure is one :class:`LataError` line."""
+"""Checks across inputs (same base model, same shapes); each failure is one :class:`LataError` line.
+
+Output paths are checked in :mod:`lata_peft.outputs`."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 from .adapter import CONFIG_NAME, Adapter
 from .errors import LataError
 
-__all__ = ["check_compatible", "check_output"]
+__all__ = ["check_compatible"]
 
 
 def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
@@ -43,14 +44,3 @@ def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
                     f"{owner.path} it is {kind} {shape}: the adapters are not for the same base model"
                 )
 
-
-def check_output(out: Path, inputs: Sequence[Path], overwrite: bool = False) -> Path:
-    """Refuse an output that is (or is inside) an input, or that exists without ``overwrite``."""
-    target = Path(out).expanduser().resolve()
-    for source in inputs:
-        source = Path(source).resolve()
-        if target == source or source in target.parents:
-            raise LataError(f"{target}: the output would overwrite the input adapter {source}")
-    if target.exists() and not overwrite:
-        raise LataError(f"{target}: already exists (pass --overwrite to replace it)")
-    return target

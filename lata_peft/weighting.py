@@ -24,12 +24,15 @@ Ties in cosine share the mean of their ranks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 from .errors import LataError
+from .scoring import LayerScore
 
-__all__ = ["SCHEMES", "LayerWeighting", "layer_weights", "rank_by_alignment"]
+__all__ = ["SCHEMES", "LayerWeighting", "LayerWeights", "WeightedUnit", "layer_weights", "rank_by_alignment", "weigh"]
 
 
 def rank_by_alignment(cosines: Sequence[float]) -> list[float]:
@@ -108,3 +111,51 @@ def layer_weights(cosines: Sequence[float], weighting: LayerWeighting = LayerWei
         mean = sum(weights) / len(weights)
         weights = [w / mean for w in weights] if mean > 0 else weights
     return weights
+
+
+@dataclass(frozen=True)
+class WeightedUnit:
+    """One scored unit (a block, or a module of it) with the chosen scheme's weight and every scheme's."""
+
+    score: LayerScore
+    weight: float
+    weights: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.score.to_dict(), "weight": self.weight, "weights": self.weights}
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """LATA's output: per input label, the weight of each scoring unit ``(block, module or None)``.
+
+    A module outside every scored unit (embeddings, heads, blocks the instruction vector lacks)
+    keeps weight 1.
+    """
+
+    units: dict[str, list[WeightedUnit]]
+    granularity: str = "block"
+
+    def weight(self, label: str, module: str, block: int | None) -> float:
+        """The LATA weight of ``module`` (in ``block``) for input ``label``; 1 where none applies."""
+        unit = (block, module) if self.granularity == "module" else (block, None)
+        return self._lookup.get(label, {}).get(unit, 1.0)
+
+    @cached_property
+    def _lookup(self) -> dict[str, dict[tuple[int | None, str | None], float]]:
+        return {label: {(u.score.layer, u.score.module): u.weight for u in rows} for label, rows in self.units.items()}
+
+    def table(self) -> dict[str, list[dict[str, Any]]]:
+        """``{label: [row, ...]}``: what the report and the CLI's per-layer table show."""
+        return {label: [u.to_dict() for u in rows] for label, rows in self.units.items()}
+
+
+def weigh(scores: Mapping[str, Sequence[LayerScore]], weighting: LayerWeighting, granularity: str) -> LayerWeights:
+    """Per input: the scheme's weight of each scored unit, and every scheme's weight beside it."""
+    units: dict[str, list[WeightedUnit]] = {}
+    for label, rows in scores.items():
+        cosines = [s.cosine for s in rows]
+        every = {name: layer_weights(cosines, replace(weighting, scheme=name)) for name in SCHEMES}
+        units[label] = [WeightedUnit(s, every[weighting.scheme][i], {n: every[n][i] for n in SCHEMES})
+                        for i, s in enumerate(rows)]
+    return LayerWeights(units, granularity)

@@ -1,16 +1,13 @@
-"""Writing PEFT adapter folders: tensors in PEFT's layout, a config true to what was written,
-the report, all atomically (a temporary sibling folder, then one rename).
+"""Writing PEFT adapter files: tensors in PEFT's layout and a config true to what was written.
+
+The folder around them (atomic write, report, recipe) is :mod:`lata_peft.emit`'s job.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +17,7 @@ from safetensors.torch import save_file
 from .adapter import CONFIG_NAME, KEY_PREFIX, REPORT_NAME, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
 from .errors import LataError
 
-__all__ = ["output_config", "save_adapter_files", "shared_base_layers", "write_atomically"]
-
-
-def write_atomically(out: Path, fill: Callable[[Path], None], overwrite: bool = False) -> None:
-    """Build the folder ``out`` in a temporary sibling, then rename it into place.
-
-    An interrupted run leaves no half-written ``out``; an existing ``out`` is replaced
-    only with ``overwrite`` and only once the new folder is complete.
-    """
-    out = out.expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise LataError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(staging)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+__all__ = ["adapter_tensors", "output_config", "save_adapter_files", "shared_base_layers"]
 
 
 def adapter_tensors(modules: dict[str, LoraModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -84,12 +56,23 @@ def save_adapter_files(
     base_layers: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the report into ``folder``."""
-    metadata = {"format": "pt", "producer": "lata-peft"}
+    metadata = {"format": "pt"}  # one key: safetensors writes metadata in hash order, so two keys are not reproducible
     tensors = {**adapter_tensors(modules, dtype), **(base_layers or {})}
+    _check_finite(tensors)
     save_file(tensors, folder / SAFETENSORS_NAME, metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if report is not None:
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write NaN or Inf: the last guard against a combination that overflowed its dtype."""
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise LataError(
+                f"refusing to write non-finite values: {key.removeprefix(KEY_PREFIX)} "
+                f"(the combination overflows {str(tensor.dtype).removeprefix('torch.')})"
+            )
 
 
 def output_config(adapters: list[Adapter], modules: dict[str, LoraModule]) -> dict[str, Any]:

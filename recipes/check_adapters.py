@@ -12,11 +12,30 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
-from train_adapters import DEFAULT_BASE, DEFAULT_DATA, Example, format_prompt  # sibling script in recipes/
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lata_peft.evaluate.data import data_root
+from lata_peft.evaluate.prompts import alpaca_prompt
+
+DEFAULT_BASE = Path("~/.cache/lata_peft/SmolLM2-135M-Instruct").expanduser()
+DEFAULT_DATA = data_root()
+
+
+class Example(NamedTuple):
+    """One prompt in the training template (``output`` unused here)."""
+
+    instruction: str
+    input: str
+    output: str
+
+
+def format_prompt(example: Example) -> str:
+    return alpaca_prompt(example.instruction, example.input)
+
 
 PROMPTS: dict[str, Example] = {
     "instruct": Example("Give three tips for staying healthy.", "", ""),

@@ -34,4 +34,4 @@ for seed in $SEEDS; do
       --steps "$STEPS" --batch-size 8 --max-len 512 --seed "$seed" --threads 8 --out "$out"
   fi
 done
-python recipes/experiment.py recipes/experiments/paper-scale-gpu.yaml
+lata-peft compare recipes/experiments/paper-scale-gpu.yaml

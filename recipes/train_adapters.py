@@ -39,12 +39,15 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lata_peft.devices import autocast, default_device
+from lata_peft.evaluate.data import data_root
+from lata_peft.evaluate.prompts import alpaca_prompt, probe_records
+
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_BASE = Path("~/.cache/lata_peft/SmolLM2-135M-Instruct").expanduser()
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA = data_root()  # ../shared/data, or $LATA_PEFT_DATA
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE = -100
-PROBE_MIN_CHARS, PROBES = 700, 32
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,8 @@ class Encoded:
 
 
 def format_prompt(example: Example) -> str:
-    """The single Alpaca-style prompt template shared by all adapters."""
-    if example.input.strip():
-        return f"### Instruction:\n{example.instruction}\n\n### Input:\n{example.input}\n\n### Response:\n"
-    return f"### Instruction:\n{example.instruction}\n\n### Response:\n"
-
-
-def probe_records(records: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The first ``PROBES`` Alpaca records longer than ``PROBE_MIN_CHARS`` characters: reserved for
-    evaluation (the experiment's instruct/shout probes) and never trained on, whatever
-    ``--max-len`` (at 128 tokens none of them fits anyway, so the shipped adapters agree)."""
-    long = [r for r in records if len(r["instruction"] + (r.get("input", "") or "") + r["output"]) > PROBE_MIN_CHARS]
-    return long[:PROBES]
+    """The single Alpaca-style prompt template shared by all adapters (``lata_peft.evaluate.prompts``)."""
+    return alpaca_prompt(example.instruction, example.input)
 
 
 def load_alpaca(path: Path, reserve_probes: bool = False) -> list[Example]:
@@ -173,12 +166,6 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[Encoded], batch_size
         count += int((labels != IGNORE).sum())
     model.train(was_training)
     return total / max(count, 1)
-
-
-def autocast(device: str | torch.device, mode: str | None) -> torch.autocast:
-    """bfloat16 matmuls (weights stay float32) when ``mode`` is ``"bf16"``; a no-op otherwise.
-    Shared by training (``--autocast``) and the experiment (``metrics.autocast``)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -332,7 +319,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="a local folder (prepare_base.py) or a hub id")
     parser.add_argument("--hub-id", help="base_model_name_or_path written into the adapters (default: "
                         f"{HUB_ID} for the default base, else --base)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device().type)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for large bases on a GPU")
     parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
                         help="bf16: bfloat16 matmuls, float32 master weights")

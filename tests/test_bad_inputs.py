@@ -178,8 +178,12 @@ def test_output_exists_or_is_an_input(tmp_path, adapters):
     assert result.exit_code == 2 and "already exists" in result.output and str(existing) in result.output
     assert (existing / "keep.txt").read_text() == "mine"
     result = runner.invoke(app, ["combine", str(adapters["plain"]), "-o", str(existing), "--overwrite"])
-    assert result.exit_code == 0
-    assert not (existing / "keep.txt").exists() and (existing / "adapter_model.safetensors").is_file()
+    assert result.exit_code == 2 and "not a lata-peft output" in result.output  # a user's folder is never replaced
+    assert (existing / "keep.txt").read_text() == "mine"
+    ours = tmp_path / "ours"
+    assert runner.invoke(app, ["combine", str(adapters["plain"]), "-o", str(ours)]).exit_code == 0
+    result = runner.invoke(app, ["combine", str(adapters["rank8"]), "-o", str(ours), "--overwrite"])
+    assert result.exit_code == 0 and "rank8" in (ours / "lata_report.json").read_text()
     target = copy_adapter(adapters["plain"], tmp_path / "input")
     before = (target / "adapter_model.safetensors").read_bytes()
     result = runner.invoke(app, ["combine", str(target), "-o", str(target), "--overwrite"])

@@ -76,19 +76,19 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 def test_every_shipped_recipe_runs(recipe, tmp_path, monkeypatch):
     """Each recipe names its launch command, points at shipped adapters, and runs (dry run / temp output)."""
     assert recipe.read_text().splitlines()[0] == f"# Launch: lata-peft run recipes/{recipe.name}"
-    verb, arguments = load_recipe(recipe)
+    spec = load_recipe(recipe)
     for key in ("adapters", "forget"):
-        for path in arguments.get(key, []):
+        for path in getattr(spec, key, ()):
             assert (ROOT / path / "adapter_config.json").is_file(), path
     monkeypatch.chdir(ROOT)
-    if verb == "combine":
+    if spec.verb == "combine":
         result = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["summary"]["modules"] > 0
     else:
         from lata_peft import inspect
 
-        inspect(arguments["adapters"], instruction=arguments.get("instruction"), plot=tmp_path / "p.png")
+        inspect(spec.adapters, instruction=spec.instruction, plot=tmp_path / "p.png")
 
 
 def test_recipe_runs(tmp_path, adapters):

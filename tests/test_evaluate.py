@@ -1,5 +1,5 @@
 """Evaluation: perplexity against a hand computation, GSM8K answer extraction on real records,
-HumanEval execution in a guarded subprocess, pass@k, and smoke runs of the generation paths."""
+HumanEval verdicts of the sandboxed runs, pass@k, and smoke runs of the generation paths."""
 
 from __future__ import annotations
 
@@ -175,34 +175,26 @@ def problems() -> list[dict[str, object]]:
 
 
 def test_canonical_solutions_pass_and_a_wrong_one_fails(problems: list[dict[str, object]]) -> None:
+    # Trusted programs: unsafe_exec only matters where no sandbox works (tests/test_sandbox.py checks the sandbox).
     for problem in problems:
-        outcome = check_completion(problem, str(problem["canonical_solution"]), timeout=10)
+        outcome = check_completion(problem, str(problem["canonical_solution"]), timeout=10, unsafe_exec=True)
         assert outcome.status == PASSED, (problem["task_id"], outcome.error)
-    wrong = check_completion(problems[0], "    return None\n", timeout=10)
+    wrong = check_completion(problems[0], "    return None\n", timeout=10, unsafe_exec=True)
     assert wrong.status == FAILED and "AssertionError" in wrong.error
 
 
 def test_infinite_loop_times_out(problems: list[dict[str, object]]) -> None:
-    outcome = check_completion(problems[0], "    while True:\n        pass\n", timeout=2)
+    outcome = check_completion(problems[0], "    while True:\n        pass\n", timeout=2, unsafe_exec=True)
     assert outcome.status == TIMED_OUT
     assert 2 <= outcome.seconds < 10
 
 
-def test_writes_outside_the_sandbox_are_refused(problems: list[dict[str, object]], tmp_path: Path) -> None:
-    target, victim = tmp_path / "escaped.txt", tmp_path / "keep.txt"
-    victim.write_text("keep me")
+def test_scratch_files_are_allowed_and_an_early_exit_is_no_pass(problems: list[dict[str, object]]) -> None:
+    # Writes outside the sandbox and the other escapes: tests/test_sandbox.py.
     solution = str(problems[0]["canonical_solution"])
-    for attack in (f"    open({str(target)!r}, 'w').write('x')\n",
-                   f"    import pathlib; pathlib.Path({str(target)!r}).write_text('x')\n",
-                   f"    import os; os.remove({str(victim)!r})\n",
-                   "    import subprocess; subprocess.run(['true'])\n",
-                   "    import socket; socket.socket()\n"):
-        outcome = check_completion(problems[0], attack + solution, timeout=10)
-        assert outcome.status == FAILED and "PermissionError" in outcome.error, (attack, outcome)
-    assert not target.exists() and victim.read_text() == "keep me"
-    # Writing inside its own temporary directory is allowed; exiting early is not a pass.
-    assert check_completion(problems[0], "    open('scratch.txt', 'w').write('x')\n" + solution).status == PASSED
-    assert run_program("import sys\nsys.exit(0)\n", timeout=10).status == FAILED
+    scratch = "    open('scratch.txt', 'w').write('x')\n" + solution
+    assert check_completion(problems[0], scratch, unsafe_exec=True).status == PASSED
+    assert run_program("import sys\nsys.exit(0)\n", timeout=10, unsafe_exec=True).status == FAILED
 
 
 def test_truncate_completion_at_stop_sequences() -> None:

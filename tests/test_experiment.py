@@ -1,16 +1,27 @@
-"""The experiment recipe's grid and analysis (recipes/experiment.py): what runs, and how wins are counted."""
+"""The compare verb's grid and analysis (lata_peft.experiment): what runs, and how wins are counted."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lata_peft import LataError
+from lata_peft.evaluate import prompts
+from lata_peft.experiment import analysis, grid, probes
+from lata_peft.experiment import plan as plans
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-sys.path.insert(0, str(RECIPES))
-experiment = pytest.importorskip("experiment")
+
+
+class experiment:  # noqa: N801  (the names the tests use, from the modules that own them now)
+    runs, key_of = staticmethod(grid.runs), staticmethod(grid.key_of)
+    with_selectivity, verdicts = staticmethod(analysis.with_selectivity), staticmethod(analysis.verdicts)
+    load_plan, check_metrics = staticmethod(plans.load_plan), staticmethod(plans.check_metrics)
+    check_inputs, tuned_lambdas = staticmethod(plans.check_inputs), staticmethod(analysis.tuned_lambdas)
+    custom_probes, alpaca_prompt = staticmethod(probes.custom_probes), staticmethod(prompts.alpaca_prompt)
+    PlanError = LataError
 
 
 def small_plan() -> dict:
@@ -131,20 +142,27 @@ def test_differences_within_the_tolerance_are_ties() -> None:
 
 def test_instruct_probes_are_reserved_from_training(tmp_path: Path) -> None:
     import json
-
-    import train_adapters
+    import subprocess
+    import sys
 
     records = [{"instruction": f"task {i}", "input": "", "output": ("x" * 800 if i % 3 == 0 else "short")}
                for i in range(200)]
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(records))
-    probes = train_adapters.probe_records(records)
-    assert len(probes) == train_adapters.PROBES
-    trained = {e.instruction for e in train_adapters.load_instruct(path)}
-    shouted = {e.instruction for e in train_adapters.load_shout(path)}
-    assert not trained & {p["instruction"] for p in probes}
-    assert not shouted & {p["instruction"] for p in probes}
-    assert len(trained) == 200 - train_adapters.PROBES
+    probes = prompts.probe_records(records)
+    assert len(probes) == prompts.PROBES
+    assert all(len(p["output"]) > prompts.PROBE_MIN_CHARS for p in probes)
+    # the training script is run, never imported: it must leave exactly these records out of training
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'recipes'); import train_adapters as t; "
+            "p = Path(sys.argv[1]); "
+            "print(json.dumps([sorted({e.instruction for e in t.load_instruct(p)}), "
+            "sorted({e.instruction for e in t.load_shout(p)})]))")
+    root = RECIPES.parent
+    trained, shouted = json.loads(subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, check=True,
+                                                 capture_output=True, text=True).stdout)
+    assert not set(trained) & {p["instruction"] for p in probes}
+    assert not set(shouted) & {p["instruction"] for p in probes}
+    assert len(trained) == 200 - prompts.PROBES
 
 
 def test_missing_inputs_are_named_before_any_run(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from .humaneval import check_completion, evaluate_humaneval, pass_at_k
 from .loading import load_model, load_tokenizer, prepare_tokenizer, with_adapter
 from .perplexity import answer_nll, sliding_window_nll, text_perplexity
 from .progress import Progress
-from .sandbox import Execution, run_program
+from .sandbox import Execution, check_isolation, run_program
 
 __all__ = [
     "TASKS", "Execution", "Progress", "answer_nll", "check_completion", "evaluate", "extract_answer", "generate",
@@ -49,7 +49,7 @@ def _resolve_data(task: str, data: PathLike | None) -> Path:
 def _run_task(model: Any, tokenizer: Any, task: str, path: Path, *, train: Path | None, limit: int | None,
               batch_size: int, max_new_tokens: int | None, shots: int, template: str, num_samples: int,
               temperature: float, timeout: float, max_length: int | None, stride: int | None, seed: int,
-              progress: Progress | None) -> dict[str, Any]:
+              progress: Progress | None, unsafe_exec: bool = False) -> dict[str, Any]:
     if task == "gsm8k":
         return evaluate_gsm8k(model, tokenizer, path, train_path=train, limit=limit, batch_size=batch_size,
                               shots=shots, template=template, max_new_tokens=max_new_tokens or GSM8K_NEW_TOKENS,
@@ -57,7 +57,7 @@ def _run_task(model: Any, tokenizer: Any, task: str, path: Path, *, train: Path 
     if task == "humaneval":
         return evaluate_humaneval(model, tokenizer, path, limit=limit, batch_size=batch_size, num_samples=num_samples,
                                   temperature=temperature, max_new_tokens=max_new_tokens or HUMANEVAL_NEW_TOKENS,
-                                  timeout=timeout, seed=seed, progress=progress)
+                                  timeout=timeout, seed=seed, progress=progress, unsafe_exec=unsafe_exec)
     text = "\n\n".join(wikitext_rows(path)) if task == "wikitext2" else read_text(path)
     result = text_perplexity(model, tokenizer, text, max_length=max_length, stride=stride, limit=limit,
                              batch_size=batch_size, progress=progress)
@@ -87,6 +87,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     seed: int = 0,
+    unsafe_exec: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (+ ``adapter``) on ``task`` and return a JSON-ready dict:
     ``{"task", "metrics": {name: value}, "n", "seconds", "model", "adapter", "settings", "records"?}``.
@@ -102,6 +103,8 @@ def evaluate(
       ``gsm8k`` (exact match + ``answer_nll``; ``shots``, ``template``; ``limit`` = problems,
       ``max_new_tokens`` default 256), ``humaneval`` (pass@k + ``solution_nll``; ``num_samples``
       with ``temperature`` > 0 for k > 1, ``timeout`` seconds per program; ``max_new_tokens`` default 512).
+      Generated code runs only in an OS sandbox (bubblewrap); where none works this is a ``LataError``
+      before the model loads, unless ``unsafe_exec=True`` runs it unisolated (see ``docs/SECURITY.md``).
     * ``data``: the task's data file, or a folder laid out like ``../shared/data`` (default:
       ``$LATA_PEFT_DATA`` or the shared folder). A missing file is a ``LataError`` naming it.
     * ``progress``: gets ``start(total, description)`` per phase and ``advance()`` per batch.
@@ -112,6 +115,8 @@ def evaluate(
         train = existing(path.parent / Path(GSM8K_TRAIN).name, "gsm8k few-shot")
     if task == "humaneval" and num_samples > 1 and temperature <= 0:
         raise LataError(f"humaneval: num_samples={num_samples} needs temperature > 0 (greedy gives one sample)")
+    if task == "humaneval":
+        check_isolation(unsafe_exec)
     if limit is not None and limit < 1:
         raise LataError(f"limit must be >= 1, got {limit}")
     start = time.perf_counter()
@@ -133,7 +138,8 @@ def evaluate(
             result = _run_task(active, tokenizer, task, path, train=train, limit=limit, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, shots=shots, template=template,
                                num_samples=num_samples, temperature=temperature, timeout=timeout,
-                               max_length=max_length, stride=stride, seed=seed, progress=progress)
+                               max_length=max_length, stride=stride, seed=seed, progress=progress,
+                               unsafe_exec=unsafe_exec)
     finally:
         loaded.train(was_training)
     return {

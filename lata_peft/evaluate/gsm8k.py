@@ -23,8 +23,8 @@ from .data import read_jsonl
 from .generation import generate
 from .perplexity import answer_nll
 from .progress import Progress
+from .prompts import ALPACA_TEMPLATE
 
-ALPACA_TEMPLATE = "### Instruction:\n{question}\n\n### Response:\n"
 MAX_NEW_TOKENS = 256
 NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
 CALCULATOR = re.compile(r"<<[^>]*>>")

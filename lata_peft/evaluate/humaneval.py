@@ -2,9 +2,10 @@
 https://arxiv.org/abs/2107.03374; data https://github.com/openai/human-eval): functional
 correctness of generated function bodies, as pass@k, plus the NLL of the canonical solutions.
 
-A completion is generated from the raw prompt (signature + docstring), cut at the first stop
-sequence, and the program ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"`` is run in a
-separate guarded process (:mod:`lata_peft.evaluate.sandbox`).
+A completion is generated from the raw prompt (signature + docstring) and cut at the first stop
+sequence. ``prompt + completion`` then runs in an OS sandbox and the problem's ``test`` in another,
+its ``check`` calling the entry point across them (:func:`lata_peft.evaluate.sandbox.run_tests`), so a
+completion can fail or time out but cannot fake a pass.
 
 pass@k uses the unbiased estimator of Chen et al. (their eq. 1 and numerically stable form): with
 ``n`` samples of which ``c`` pass, ``pass@k = 1 - C(n-c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k/i)``,
@@ -24,7 +25,7 @@ from .data import read_jsonl
 from .generation import generate, truncate_at
 from .perplexity import answer_nll
 from .progress import Progress, tracked
-from .sandbox import FAILED, PASSED, TIMED_OUT, Execution, run_program
+from .sandbox import FAILED, PASSED, TIMED_OUT, Execution, check_isolation, run_tests
 
 STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MAX_NEW_TOKENS = 512
@@ -46,9 +47,12 @@ def program_for(problem: dict[str, Any], completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + f"\ncheck({problem['entry_point']})\n"
 
 
-def check_completion(problem: dict[str, Any], completion: str, *, timeout: float = 10.0) -> Execution:
-    """Run ``completion`` against the problem's tests in a separate guarded process."""
-    return run_program(program_for(problem, completion), timeout=timeout)
+def check_completion(problem: dict[str, Any], completion: str, *, timeout: float = 10.0,
+                     unsafe_exec: bool = False) -> Execution:
+    """Run the problem's tests against ``prompt + completion``, each in its own sandbox (a
+    :class:`LataError` where none works, unless ``unsafe_exec``: see :func:`~.sandbox.check_isolation`)."""
+    return run_tests(problem["prompt"] + completion, problem["prompt"] + "\n" + problem["test"],
+                     problem["entry_point"], timeout=timeout, unsafe_exec=unsafe_exec)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -77,17 +81,20 @@ def evaluate_humaneval(
     seed: int = 0,
     with_nll: bool = True,
     progress: Progress | None = None,
+    unsafe_exec: bool = False,
 ) -> dict[str, Any]:
     """pass@k for each ``k`` in ``ks`` not above ``num_samples`` (greedy: ``num_samples=1``,
     ``temperature=0``), outcome counts over all samples, and ``solution_nll``/``solution_ppl``
-    of the canonical solutions given the prompts. ``workers`` programs run at a time."""
+    of the canonical solutions given the prompts. ``workers`` programs run at a time; without an
+    OS sandbox this refuses to start unless ``unsafe_exec`` (see :func:`~.sandbox.check_isolation`)."""
+    check_isolation(unsafe_exec)
     problems = load_problems(path, limit)
     samples = generate(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, stops=STOPS, num_samples=num_samples, temperature=temperature,
                        seed=seed, progress=progress, description="humaneval generation")
     jobs = [(p, truncate_completion(s)) for p, group in zip(problems, samples, strict=True) for s in group]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(check_completion, p, s, timeout=timeout) for p, s in jobs]
+        futures = [pool.submit(check_completion, p, s, timeout=timeout, unsafe_exec=unsafe_exec) for p, s in jobs]
         outcomes = [future.result() for future in tracked(futures, progress, "humaneval tests")]
     records: list[dict[str, Any]] = []
     for index, problem in enumerate(problems):

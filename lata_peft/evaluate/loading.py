@@ -11,15 +11,11 @@ from typing import Any
 
 import torch
 
+from ..devices import default_device
 from ..dtypes import parse_dtype
 from ..errors import LataError
 
 PathLike = str | os.PathLike[str]
-
-
-def default_device() -> torch.device:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

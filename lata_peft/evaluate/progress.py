@@ -1,19 +1,15 @@
-"""The progress protocol the evaluators report to (the same shape as ``lata_peft.api.Progress``)."""
+"""Batching with progress for the evaluators (the protocol is :class:`lata_peft.progress.Progress`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
+
+from ..progress import Progress
+
+__all__ = ["Progress", "batches", "tracked"]
 
 T = TypeVar("T")
-
-
-class Progress(Protocol):
-    """Anything with ``start(total, description)`` and ``advance()``; the CLI passes a rich bar."""
-
-    def start(self, total: int, description: str) -> None: ...
-
-    def advance(self) -> None: ...
 
 
 def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:

@@ -1,0 +1,83 @@
+"""The last stage: every output folder is written here, atomically, with its report and recipe.
+
+An output folder holds its payload (a PEFT adapter, or a model with the combination folded
+in), ``lata_report.json`` (what was done, to what) and ``lata_recipe.yaml`` (the spec it was
+made from, with absolute input paths): ``lata-peft run OUT/lata_recipe.yaml -o OUT2`` makes it again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+
+from .adapter import LoraModule
+from .combine import Combination
+from .errors import LataError
+from .fold import QuantOptions, check_disk_space, fold_modules
+from .outputs import REPORT_NAME, check_free_space, write_atomically
+from .pipeline import Inputs
+from .progress import Progress
+from .spec import Spec
+from .writing import output_config, save_adapter_files, shared_base_layers
+
+__all__ = ["RECIPE_NAME", "emit_adapter", "emit_folded", "recipe_text"]
+
+RECIPE_NAME = "lata_recipe.yaml"
+NOT_RECORDED = ("out", "overwrite", "dry_run")
+
+
+def recipe_text(spec: Spec) -> str:
+    """The YAML recipe of ``spec``: its options (absolute paths), without where it was written."""
+    header = "# Made by lata-peft. Re-run with: lata-peft run lata_recipe.yaml -o OUT\n"
+    return header + yaml.safe_dump({spec.verb: spec.to_mapping(skip=NOT_RECORDED, absolute=True)}, sort_keys=False)
+
+
+def _write(target: Path, spec: Spec, report: dict[str, Any], overwrite: bool,
+           payload: Callable[[Path], dict[str, Any] | None]) -> None:
+    """Write ``payload`` then the report (updated with what the payload returns) and the recipe."""
+
+    def fill(folder: Path) -> None:
+        try:
+            report.update(payload(folder) or {})
+        except SafetensorError as exc:  # e.g. the disk filled up while serialising
+            raise LataError(f"{target}: writing failed ({exc}); nothing was written") from None
+        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (folder / RECIPE_NAME).write_text(recipe_text(spec))
+
+    write_atomically(target, fill, overwrite=overwrite)
+
+
+def emit_adapter(spec: Spec, inputs: Inputs, combination: Combination, dtype: torch.dtype,
+                 report: dict[str, Any], overwrite: bool) -> None:
+    """The combination as a PEFT adapter folder at ``inputs.target``."""
+    assert inputs.target is not None
+    config = output_config(inputs.tasks, combination.modules)
+    base_layers = shared_base_layers(inputs.tasks)
+    parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
+    check_free_space(inputs.target, parameters * torch.tensor([], dtype=dtype).element_size() + (1 << 20))
+    _write(inputs.target, spec, report, overwrite,
+           lambda folder: save_adapter_files(folder, combination.modules, config, dtype, None, base_layers))
+
+
+def emit_folded(spec: Spec, modules: dict[str, LoraModule], base: Path, target: Path, four_bit: bool,
+                report: dict[str, Any], overwrite: bool, quant: QuantOptions | None = None,
+                progress: Progress | None = None, started: float | None = None) -> None:
+    """``base`` with ``modules`` folded in (full precision or NF4) as a model folder at ``target``;
+    the report gains a ``fold`` entry (counts, bytes, the 4-bit error)."""
+    check_disk_space(base, target, four_bit)
+    started = time.perf_counter() if started is None else started
+
+    def payload(folder: Path) -> dict[str, Any]:
+        result = fold_modules(modules, base, folder, four_bit=four_bit, quant=quant or QuantOptions(),
+                              progress=progress)
+        return {"fold": {**result.to_dict(), "out": str(target), "base": str(base),
+                         "seconds": round(time.perf_counter() - started, 3)}}
+
+    _write(target, spec, report, overwrite, payload)

@@ -1,0 +1,106 @@
+"""Reading an experiment's results: selectivity of forgetting, means and spreads over training
+seeds, each method's best lambda, and paired win/tie/loss verdicts of LATA against each baseline."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+__all__ = ["BASELINES", "main_records", "summarise", "tuned_lambdas", "verdicts", "with_selectivity"]
+
+BASELINES = ("ta", "ties", "dare", "dare_ties")
+
+
+def with_selectivity(records: list[dict[str, Any]], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Forget settings gain ``selectivity`` = (forgotten NLL - base) / (kept NLL - base): forgetting
+    bought per unit of utility lost (higher is better). The setting's ``selectivity: {forgotten, kept}``
+    names the two metrics (default ``shout_nll`` and ``instruct_nll``)."""
+    base = next((r["metrics"] for r in records if r["method"] == "base"), None)
+    forget = {s["name"]: s.get("selectivity", {}) for s in plan["settings"] if s["kind"] == "forget"}
+    out = []
+    for record in records:
+        if base and record["setting"] in forget:
+            metrics = record["metrics"]
+            forgotten = forget[record["setting"]].get("forgotten", "shout_nll")
+            kept = forget[record["setting"]].get("kept", "instruct_nll")
+            damage = metrics[kept] - base[kept]
+            gained = metrics[forgotten] - base[forgotten]
+            selectivity = gained / damage if damage > 1e-9 else float("nan")
+            record = {**record, "metrics": {**metrics, "selectivity": selectivity}}
+        out.append(record)
+    return out
+
+
+def main_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (training seed, setting, method, lambda): DARE seeded by the training seed."""
+    return [r for r in records if r["seed"] == r["train_seed"] or r["method"] == "base"]
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """``{setting|method|lambda: {metric: (mean, std, n)}}`` over the records given."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for record in records:
+        groups.setdefault(f"{record['setting']}|{record['method']}|{record['lambda']}", []).append(record["metrics"])
+    summary = {}
+    for key, runs_ in groups.items():
+        summary[key] = {}
+        for metric in runs_[0]:
+            values = [r[metric] for r in runs_ if metric in r]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[key][metric] = (statistics.fmean(values), spread, len(values))
+    return summary
+
+
+def tuned_lambdas(records: list[dict[str, Any]], plan: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """``{(setting, method, metric): lambda}``: each method's best lambda for each goal metric, by the
+    mean over training seeds, among the lambdas run on as many seeds as that method's best-covered one."""
+    best = {}
+    for setting in plan["settings"]:
+        for method in (m["name"] for m in plan["methods"]):
+            runs_ = [r for r in records if r["setting"] == setting["name"] and r["method"] == method]
+            by_lambda: dict[float, list[dict[str, float]]] = {}
+            for record in runs_:
+                by_lambda.setdefault(record["lambda"], []).append(record["metrics"])
+            if not by_lambda:
+                continue
+            coverage = max(len(v) for v in by_lambda.values())
+            covered = {lam: v for lam, v in by_lambda.items() if len(v) == coverage}
+            for metric, goal in setting["goals"].items():
+                sign = 1.0 if goal == "max" else -1.0
+                best[(setting["name"], method, metric)] = max(
+                    covered, key=lambda lam: sign * statistics.fmean(m[metric] for m in covered[lam]))
+    return best
+
+
+def verdicts(records: list[dict[str, Any]], plan: dict[str, Any], tuned: bool = False) -> list[dict[str, Any]]:
+    """Each LATA method against each baseline, per setting, lambda and goal metric, paired over
+    training seeds: ``win`` if LATA is better on every seed by more than ``tie_tolerance`` (default
+    0.002), ``loss`` if worse on every seed by more than that, else ``tie``. With ``tuned``, each
+    method runs at its own best lambda for the metric (``tuned_lambdas``; lambda reads "best")."""
+    by_key = {(r["train_seed"], r["setting"], r["method"], r["lambda"]): r["metrics"] for r in records}
+    best = tuned_lambdas(records, plan) if tuned else {}
+    lata = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
+    tolerance = plan.get("tie_tolerance", 2e-3)  # bf16 evaluation moves NLLs by <= 0.0015
+
+    def value(train_seed: int, setting: str, method: str, lam: float | str, metric: str) -> float | None:
+        at = best.get((setting, method, metric)) if lam == "best" else lam
+        return by_key.get((train_seed, setting, method, at), {}).get(metric)
+
+    rows = []
+    for setting in plan["settings"]:
+        for lam in ["best"] if tuned else plan["lambdas"][setting["kind"]]:
+            for metric, goal in setting["goals"].items():
+                sign = 1.0 if goal == "max" else -1.0
+                for ours in lata:
+                    for other in (m["name"] for m in plan["methods"] if m["name"] in BASELINES):
+                        pairs = [(value(t, setting["name"], ours, lam, metric),
+                                  value(t, setting["name"], other, lam, metric)) for t in plan["adapter_sets"]]
+                        diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
+                        if not diffs:
+                            continue
+                        outcome = ("win" if all(d > tolerance for d in diffs)
+                                   else "loss" if all(d < -tolerance for d in diffs) else "tie")
+                        rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "lata": ours,
+                                     "baseline": other, "outcome": outcome, "n": len(diffs),
+                                     "mean_gain": statistics.fmean(diffs)})
+    return rows

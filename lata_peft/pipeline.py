@@ -1,0 +1,135 @@
+"""The combine pipeline, one typed hand-off per stage:
+
+``load`` (adapters, instruction vector, output checks) -> ``check`` (same base, same shapes)
+-> ``score`` (cosine per unit vs the instruction vector) -> ``weight`` (:class:`LayerWeights`)
+-> ``merge`` (:class:`Combination`) -> ``emit`` (:mod:`lata_peft.emit`: adapter or folded model,
+plus report and recipe, written in one place). ``api.combine`` runs the stages in this order;
+``api.inspect`` runs the first four.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .adapter import Adapter, load_adapter
+from .combine import Combination
+from .combine import combine as combine_modules
+from .errors import LataError
+from .instruction import DenseInstruction
+from .layers import blocks_of
+from .methods import METHODS
+from .models import resolve_model
+from .outputs import prepare_output
+from .progress import Progress
+from .scoring import LayerScore, score_layers
+from .specs import CombineSpec, ScoringSpec
+from .validate import check_compatible
+from .weighting import LayerWeights, weigh
+
+__all__ = ["Inputs", "check", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
+
+Instruction = Adapter | DenseInstruction
+
+
+@dataclass
+class Inputs:
+    """What ``load`` hands on: the adapters in order (task adapters, then forgotten ones), their
+    labels and signed scales, the instruction vector, each module's block, and where to write."""
+
+    tasks: list[Adapter]
+    labels: list[str]
+    signs: list[float]
+    scales: list[float]
+    instruction: Instruction | None
+    blocks: dict[str, int | None]
+    base: Path | None = None
+    target: Path | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The inputs' common dtype (float32 when they differ)."""
+        dtypes = {a.dtype for a in self.tasks}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def labels_of(adapters: Sequence[Adapter]) -> list[str]:
+    """Folder names, made unique with ``#i`` suffixes."""
+    labels: list[str] = []
+    for adapter in adapters:
+        label = adapter.name
+        while label in labels:
+            label = f"{label}#{len(labels)}"
+        labels.append(label)
+    return labels
+
+
+def load_inputs(
+    sources: Sequence[str], spec: ScoringSpec, allow_pickle: bool
+) -> tuple[list[Adapter], Instruction | None]:
+    """The adapters of ``sources`` and the instruction vector the spec names (or ``None``)."""
+    tasks = [load_adapter(source, allow_pickle=allow_pickle) for source in sources]
+    instruction: Instruction | None = None
+    if spec.instruction is not None:
+        instruction = load_adapter(spec.instruction, allow_pickle=allow_pickle)
+    elif spec.instruction_from is not None:
+        instruction = DenseInstruction(*spec.instruction_from)
+    return tasks, instruction
+
+
+def load(spec: CombineSpec) -> Inputs:
+    """Resolve the base and the output (refused before anything is read), then load every input."""
+    sources = [*spec.adapters, *spec.forget]
+    base = resolve_model(spec.fold_into) if spec.fold_into is not None else None
+    protected = [Path(s) for s in [*sources, *([spec.instruction] if spec.instruction else []),
+                                   *(spec.instruction_from or ())] if Path(s).exists()]
+    protected += [base] if base is not None else []
+    target = None
+    if spec.out is not None and not spec.dry_run:
+        target = prepare_output(Path(spec.out), protected, spec.overwrite)
+    tasks, instruction = load_inputs(sources, spec, spec.allow_pickle)
+    modules = {name for adapter in [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
+               for name in adapter.modules}
+    signs = [1.0] * len(spec.adapters) + [-1.0] * len(spec.forget)
+    return Inputs(tasks, labels_of(tasks), signs, spec.coefficients(), instruction,
+                  blocks_of(sorted(modules), spec.layer_regex), base, target)
+
+
+def check(inputs: Inputs, strict: bool = False) -> None:
+    """Same base model (``strict``: refuse, else warn) and the same shape for every shared module."""
+    instruction = [inputs.instruction] if isinstance(inputs.instruction, Adapter) else []
+    check_compatible([*inputs.tasks, *instruction], strict=strict)
+
+
+def score(inputs: Inputs, granularity: str) -> dict[str, list[LayerScore]]:
+    """Per input label: the cosine of each unit (block or module) with the instruction vector."""
+    if inputs.instruction is None:
+        raise LataError("LATA needs an instruction vector: pass --instruction I or --instruction-from BASE INSTRUCT")
+    return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks)
+            for label, task in zip(inputs.labels, inputs.tasks, strict=True)}
+
+
+def weight(scores: dict[str, list[LayerScore]], spec: ScoringSpec) -> LayerWeights:
+    """The scheme's weight per unit (every scheme's beside it, for the report)."""
+    return weigh(scores, spec.weighting, spec.granularity)
+
+
+def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progress: Progress | None) -> Combination:
+    """``c_{t,m} = lambda * sign_t * w_t * l_{t,m}`` per input and module, merged by the spec's method."""
+    merge_method = METHODS["ta" if spec.method == "lata" else spec.method]
+
+    def coefficient(index: int, module: str) -> float:
+        layer = weights.weight(inputs.labels[index], module, inputs.blocks[module]) if weights is not None else 1.0
+        return spec.lam * inputs.signs[index] * inputs.scales[index] * layer
+
+    names = {name for task in inputs.tasks for name in task.modules}
+    if progress is not None:
+        progress.start(len(names), f"combining ({spec.method})")
+    return combine_modules(
+        inputs.tasks, coefficient, merge_method, spec.rank_policy, density=spec.density, seed=spec.seed,
+        sign_method=spec.sign_method, blocks=inputs.blocks,
+        on_module=(lambda _: progress.advance()) if progress is not None else None,
+    )

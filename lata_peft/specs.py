@@ -1,0 +1,194 @@
+"""The verbs' specs: ``combine``, ``inspect``, ``fold``, ``compare``. One field per option.
+
+The CLI flags, the recipe keys, the API's keyword arguments and the reports all come from
+these fields (see :mod:`lata_peft.spec`). Cross-field rules live in each ``check``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .combine import RankPolicy
+from .dtypes import DTYPES
+from .errors import LataError
+from .methods import METHOD_NAMES, SIGN_METHODS
+from .spec import Spec, option
+from .weighting import LayerWeighting
+
+__all__ = ["CombineSpec", "CompareSpec", "FoldSpec", "InspectSpec", "ScoringSpec"]
+
+Paths = tuple[str, ...]
+QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
+
+
+def _allow_pickle() -> bool:
+    return option(False, "Read pickled adapter_model.bin weights (with torch's weights_only=True).")
+
+
+def _overwrite() -> bool:
+    return option(False, "Replace an existing output folder (only one that lata-peft wrote).")
+
+
+@dataclass(frozen=True)
+class ScoringSpec(Spec):
+    """LATA scoring and weighting options, shared by ``combine`` and ``inspect``."""
+
+    instruction: str | None = option(None, "Instruction adapter that LATA scores each layer against.", path=True)
+    instruction_from: tuple[str, str] | None = option(
+        None, "BASE INSTRUCT model folders: the instruction vector is their difference.", path=True)
+    scheme: str = option("linear", "LATA weighting scheme: linear | log | threshold.")
+    threshold: float = option(0.95, "Drop-with-Threshold: keep layers whose cosine is below this.")
+    keep: float | None = option(None, "Drop-with-Threshold, relative: keep this fraction of the least aligned layers.")
+    low: float = option(0.0, "LATA weight of the most instruction-like layer.")
+    high: float = option(1.0, "LATA weight of the most task-specific layer.")
+    normalize: bool = option(False, "Rescale LATA weights to mean 1.")
+    granularity: str = option("block", "Score per block or per module.")
+    layer_regex: str | None = option(None, "Regex with one capture group, the block index (unknown architectures).")
+
+    @property
+    def weighting(self) -> LayerWeighting:
+        """The weighting scheme and its parameters (validated on construction)."""
+        return LayerWeighting(self.scheme, self.low, self.high, self.threshold, self.normalize, self.keep)
+
+    @property
+    def has_instruction(self) -> bool:
+        return self.instruction is not None or self.instruction_from is not None
+
+    def check(self) -> None:
+        self.weighting  # noqa: B018  (validates scheme, low/high, keep)
+        if self.granularity not in ("block", "module"):
+            raise LataError(f"--granularity {self.granularity!r}: expected 'block' or 'module'")
+        if self.instruction is not None and self.instruction_from is not None:
+            raise LataError("give --instruction or --instruction-from, not both")
+
+
+@dataclass(frozen=True)
+class CombineSpec(ScoringSpec):
+    """Combine adapters: lambda * (sum_i w_i l_i dW_i - sum_j f_j l_j dW_j), l = LATA's layer weights."""
+
+    verb: ClassVar[str] = "combine"
+
+    adapters: Paths = option((), "Task adapters to add (folders or hub ids).", argument=True, path=True)
+    out: str | None = option(None, "Output adapter (or, with --fold-into, model) folder.", flags=("-o", "--out"))
+    forget: Paths = option((), "Adapter to subtract (repeatable).", flags=("--forget",), path=True)
+    method: str = option("ta", "Merge method: " + " | ".join(METHOD_NAMES) + ".")
+    weights: tuple[float, ...] = option((), "Weight per task adapter (one value: all).", flags=("--weight",))
+    forget_weights: tuple[float, ...] = option((), "Weight per forgotten adapter.", flags=("--forget-weight",))
+    lam: float = option(1.0, "Global scale lambda.", flags=("--lambda",), key="lambda")
+    rank: str | int = option("exact", "Output rank: exact | K | energy:F.")
+    lata: bool = option(False, "Apply LATA layer weights with a baseline method.")
+    density: float = option(0.5, "TIES / DARE / magnitude: fraction of entries kept.")
+    seed: int = option(0, "DARE seed.")
+    sign_method: str = option("total", "TIES sign election: " + " | ".join(SIGN_METHODS) + ".")
+    dtype: str | None = option(None, "Output dtype: " + " | ".join(DTYPES) + " (default: the inputs').")
+    strict: bool = option(False, "Refuse adapters whose base_model_name_or_path differ.")
+    allow_pickle: bool = _allow_pickle()
+    overwrite: bool = _overwrite()
+    dry_run: bool = option(False, "Compute and report; write nothing.")
+    fold_into: str | None = option(None, "Write this base model with the combination folded in.", path=True)
+    four_bit: bool = option(False, "With --fold-into: quantise to bitsandbytes NF4 once.", flags=("--4bit",),
+                            key="4bit")
+
+    @property
+    def uses_lata(self) -> bool:
+        return self.method == "lata" or self.lata
+
+    @property
+    def rank_policy(self) -> RankPolicy:
+        return RankPolicy.parse(self.rank)
+
+    def check(self) -> None:
+        super().check()
+        if self.method not in METHOD_NAMES:
+            raise LataError(f"--method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
+        self.rank_policy  # noqa: B018  (validates --rank)
+        if not 0.0 < self.density <= 1.0:
+            raise LataError(f"--density {self.density}: expected 0 < density <= 1")
+        if self.sign_method not in SIGN_METHODS:
+            raise LataError(f"--sign-method {self.sign_method!r}: expected one of {', '.join(SIGN_METHODS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LataError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.uses_lata and not self.has_instruction:
+            raise LataError("LATA needs an instruction vector: pass --instruction I or "
+                            "--instruction-from BASE INSTRUCT")
+        if self.out is None and not self.dry_run:
+            raise LataError("no output folder: pass -o OUT (or --dry-run)")
+        if not self.adapters and not self.forget:
+            raise LataError("no adapters given")
+        if self.four_bit and self.fold_into is None:
+            raise LataError("--4bit needs --fold-into BASE (a 4-bit adapter is not a thing: the base is quantised)")
+        for flag, values, count in (("--weight", self.weights, len(self.adapters)),
+                                    ("--forget-weight", self.forget_weights, len(self.forget))):
+            if len(values) > 1 and len(values) != count:
+                raise LataError(f"{flag}: got {len(values)} values for {count} adapters")
+
+    def coefficients(self) -> list[float]:
+        """``lambda * sign * w`` per input, task adapters first, then the forgotten ones."""
+        def per_input(values: tuple[float, ...], count: int) -> list[float]:
+            return list(values) if len(values) == count else [values[0] if values else 1.0] * count
+
+        scales = per_input(self.weights, len(self.adapters)) + per_input(self.forget_weights, len(self.forget))
+        return [float(s) for s in scales]
+
+
+@dataclass(frozen=True)
+class InspectSpec(ScoringSpec):
+    """Per layer: norm, cosine with the instruction vector, and each scheme's LATA weight."""
+
+    verb: ClassVar[str] = "inspect"
+
+    adapters: Paths = option((), "Adapters to inspect (folders or hub ids).", argument=True, path=True)
+    allow_pickle: bool = _allow_pickle()
+    plot: str | None = option(None, "Write a per-layer PNG figure here.")
+
+    def check(self) -> None:
+        super().check()
+        if not self.adapters:
+            raise LataError("no adapters given")
+
+
+@dataclass(frozen=True)
+class FoldSpec(Spec):
+    """Fold an adapter into its base model: W <- W + s B A, streamed; --4bit quantises once."""
+
+    verb: ClassVar[str] = "fold"
+
+    adapter: str = option("", "PEFT LoRA adapter folder (or hub id).", argument=True, path=True)
+    base: str = option("", "transformers model folder (or hub id).", path=True)
+    out: str = option("", "Output model folder.", flags=("-o", "--out"))
+    four_bit: bool = option(False, "Quantise to bitsandbytes NF4 once.", flags=("--4bit",), key="4bit")
+    blocksize: int | None = option(None, "NF4 block size (default: the base's, else 64).")
+    compute_dtype: str | None = option(None, "NF4 compute dtype (default: the base dtype).")
+    double_quant: bool | None = option(None, "Quantise the NF4 scales too (default: the base's, else yes).")
+    quant_storage: str | None = option(None, "Storage dtype of packed NF4 weights (default uint8).")
+    allow_pickle: bool = _allow_pickle()
+    overwrite: bool = _overwrite()
+
+    def check(self) -> None:
+        for name in ("adapter", "base", "out"):
+            if not getattr(self, name):
+                raise LataError(f"fold needs {'an adapter' if name == 'adapter' else '--' + name}")
+        if self.blocksize is not None and self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise LataError(f"--blocksize {self.blocksize}: expected a power of two from 64 to 4096")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise LataError(f"--compute-dtype {self.compute_dtype!r}: expected one of {', '.join(DTYPES)}")
+        if self.quant_storage is not None and self.quant_storage not in QUANT_STORAGE:
+            raise LataError(f"--quant-storage {self.quant_storage!r}: expected one of {', '.join(QUANT_STORAGE)}")
+
+
+@dataclass(frozen=True)
+class CompareSpec(Spec):
+    """Run an experiment plan: every method, setting and lambda on your adapters, then the report."""
+
+    verb: ClassVar[str] = "compare"
+
+    plan: str = option("", "The experiment plan (YAML): adapters, settings, methods, lambdas, probes.",
+                       argument=True)
+    report_only: bool = option(False, "Only rewrite the report and plots from the results so far.")
+    lambdas: tuple[float, ...] = option((), "Run only these lambdas now (the rest later; the run resumes).",
+                                        flags=("--lambdas",))
+
+    def check(self) -> None:
+        if not self.plan:
+            raise LataError("compare needs a plan file")
