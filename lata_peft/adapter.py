@@ -26,12 +26,12 @@ import torch
 from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
 from .errors import LataError, first_line, shorten
+from .hub import is_hub_id, snapshot
 from .lowrank import LowRank
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-REPORT_NAME = "lata_report.json"
 KEY_PREFIX = "base_model.model."
 BASE_LAYER_SUFFIX = ".base_layer.weight"  # embedding weights PEFT saves when it targets embeddings
 _LORA_KEY = re.compile(
@@ -95,19 +95,8 @@ def resolve_adapter_path(source: str | os.PathLike[str]) -> Path:
         if not path.is_dir():
             raise LataError(f"{path}: not a folder (a PEFT adapter is a folder with {CONFIG_NAME})")
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) and not str(source).startswith("."):
-        try:
-            from huggingface_hub import snapshot_download
-
-            local = snapshot_download(
-                str(source), allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME]
-            )
-        except Exception as exc:  # offline, unknown repo, auth: one clear line
-            raise LataError(
-                f"{source}: no such folder, and it could not be fetched from the Hugging Face hub "
-                f"({type(exc).__name__}; offline?)"
-            ) from None
-        return Path(local)
+    if is_hub_id(str(source)):
+        return snapshot(str(source), [CONFIG_NAME, SAFETENSORS_NAME, PICKLE_NAME])
     raise LataError(f"{path}: no such adapter folder")
 
 

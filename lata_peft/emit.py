@@ -63,7 +63,7 @@ def emit_adapter(spec: Spec, inputs: Inputs, combination: Combination, dtype: to
     parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
     check_free_space(inputs.target, parameters * torch.tensor([], dtype=dtype).element_size() + (1 << 20))
     _write(inputs.target, spec, report, overwrite,
-           lambda folder: save_adapter_files(folder, combination.modules, config, dtype, None, base_layers))
+           lambda folder: save_adapter_files(folder, combination.modules, config, dtype, base_layers))
 
 
 def emit_folded(spec: Spec, modules: dict[str, LoraModule], base: Path, target: Path, four_bit: bool,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 120, 120
 
 
 class LataError(Exception):
@@ -12,12 +16,15 @@ class LataError(Exception):
 def shorten(value: Any, limit: int = 100) -> str:
     """``repr(value)`` cut to ``limit`` characters (an ellipsis marks the cut), for error messages.
 
+    Bounded in time and memory whatever ``value`` is (``reprlib``: a YAML "billion laughs" of
+    shared lists, ints past Python's digit limit, deep nesting).
+
     >>> shorten("x" * 500, limit=8)
     "'xxxxxx…"
     """
     try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # ints past Python's digit limit, very deep nesting
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

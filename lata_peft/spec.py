@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import math
 import os
-import reprlib
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
-from .errors import LataError
+from .errors import LataError, shorten
 
-__all__ = ["Spec", "coerce", "option", "shorten"]
+__all__ = ["Spec", "coerce", "option", "shorten"]  # shorten: re-exported from errors
 
 S = TypeVar("S", bound="Spec")
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
-
-
-def shorten(value: Any, limit: int = 100) -> str:
-    """``repr(value)`` cut to ``limit`` characters, safe on huge or deeply nested values."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), key: str | None = None, cli: bool = True,
            argument: bool = False, path: bool = False) -> Any:
     """A spec field: ``help`` is its one line of documentation; ``flags`` its CLI names (default

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .adapter import CONFIG_NAME, KEY_PREFIX, REPORT_NAME, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
+from .adapter import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
 from .errors import LataError
 
 __all__ = ["adapter_tensors", "output_config", "save_adapter_files", "shared_base_layers"]
@@ -52,17 +52,14 @@ def save_adapter_files(
     modules: dict[str, LoraModule],
     config: dict[str, Any],
     dtype: torch.dtype,
-    report: dict[str, Any] | None = None,
     base_layers: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and the report into ``folder``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
     metadata = {"format": "pt"}  # one key: safetensors writes metadata in hash order, so two keys are not reproducible
     tensors = {**adapter_tensors(modules, dtype), **(base_layers or {})}
     _check_finite(tensors)
     save_file(tensors, folder / SAFETENSORS_NAME, metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if report is not None:
-        (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
