@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import render
 from .errors import LataError
-from .recipe import load_recipe, run_recipe, run_spec
+from .recipe import load_recipe, run_spec
 from .spec import Spec
 from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
 
@@ -170,12 +170,12 @@ def run(
     as_json: JSON_OPTION = False,
 ) -> None:
     """Run a YAML recipe: its single key is the verb, its mapping the verb's options."""
-    spec = _guarded(lambda: load_recipe(recipe))
     overrides: dict[str, Any] = {k: v for k, v in (("out", str(out) if out else None), ("overwrite", overwrite),
                                                    ("dry_run", dry_run)) if v}
+    spec = _guarded(lambda: load_recipe(recipe, **overrides))
     bar = RichProgress(enabled=not as_json and spec.verb != "inspect")
     with bar.bar:
-        result = _guarded(lambda: run_recipe(recipe, progress=bar if spec.verb != "inspect" else None, **overrides))
+        result = _guarded(lambda: run_spec(spec, **({"progress": bar} if spec.verb != "inspect" else {})))
     show_result(result, as_json)
 
 

@@ -17,7 +17,6 @@ directory, as on the command line.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,23 @@ def _document(path: Path) -> Any:
         raise LataError(f"{path}: nested too deeply to be a recipe") from None
 
 
-def load_recipe(path: str | Path) -> Spec:
-    """Parse and validate a recipe into its verb's spec; every problem is one line naming the file."""
+def load_recipe(path: str | Path, **overrides: Any) -> Spec:
+    """Parse and validate a recipe into its verb's spec; ``overrides`` (field names, e.g. ``out``,
+    ``overwrite``) win over the file. Every problem is one line naming the file."""
     path = Path(path)
     document = _document(path)
     if not isinstance(document, dict) or len(document) != 1 or next(iter(document)) not in VERBS:
         raise LataError(f"{path}: a recipe is one mapping with a single key, one of: {', '.join(VERBS)} "
                         f"(got {shorten(document, 60)})")
     verb, options = next(iter(document.items()))
-    return VERBS[verb].from_mapping(options, source=str(path))
+    spec_class = VERBS[verb]
+    if overrides:
+        keys = {name: key for key, name in spec_class.keys().items()}
+        unknown = sorted(set(overrides) - set(keys))
+        if unknown:
+            raise LataError(f"{path}: {verb} recipes do not take {', '.join(unknown)}")
+        options = {**(options if isinstance(options, dict) else {}), **{keys[k]: v for k, v in overrides.items()}}
+    return spec_class.from_mapping(options, source=str(path))
 
 
 def run_spec(spec: Spec, **runtime: Any) -> Any:
@@ -68,12 +75,6 @@ def run_spec(spec: Spec, **runtime: Any) -> Any:
 
 def run_recipe(path: str | Path, progress: Any = None, **overrides: Any) -> Any:
     """Run the recipe's single API call; ``overrides`` (e.g. ``overwrite=True``, ``out=...``) win over the file."""
-    spec = load_recipe(path)
-    if overrides:
-        try:
-            spec = dataclasses.replace(spec, **overrides)
-        except TypeError:
-            names = ", ".join(sorted(overrides))
-            raise LataError(f"{path}: {spec.verb} recipes do not take {names}") from None
+    spec = load_recipe(path, **overrides)
     runtime = {"progress": progress} if spec.verb in ("combine", "fold", "compare") else {}
     return run_spec(spec, **runtime)

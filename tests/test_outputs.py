@@ -164,3 +164,19 @@ def test_a_single_adapter_string_is_one_adapter_not_its_characters(tmp_path: Pat
     result = runner.invoke(app, ["run", str(recipe), "--json"])
     assert result.exit_code == 0, result.output
     assert '"adapters": [' in result.output and str(adapters["plain"]) in result.output
+
+
+def test_every_output_carries_its_recipe_and_rerunning_it_is_byte_identical(tmp_path: Path, adapters,
+                                                                            monkeypatch) -> None:
+    out = tmp_path / "out"
+    args = ["combine", str(adapters["plain"]), str(adapters["rank8"]), "--forget", str(adapters["patterns"]),
+            "--method", "lata", "--instruction", str(adapters["instruct"]), "--rank", "energy:0.9",
+            "--lambda", "0.7", "-o", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    recipe = (out / "lata_recipe.yaml").read_text()
+    assert "lambda: 0.7" in recipe and "out:" not in recipe and str(adapters["plain"]) in recipe
+    monkeypatch.chdir(tmp_path)  # the recorded paths are absolute: it runs from anywhere
+    result = runner.invoke(app, ["run", str(out / "lata_recipe.yaml"), "-o", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lata_recipe.yaml"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
