@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 
 from .adapter import CONFIG_NAME, Adapter
-from .errors import LataError
+from .errors import LataError, shorten
 
 __all__ = ["check_compatible"]
 
@@ -25,8 +25,8 @@ def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
     for other in adapters[1:]:
         if other.base_model != first.base_model:
             message = (
-                f"{other.path / CONFIG_NAME}: base_model_name_or_path is {other.base_model!r} but "
-                f"{first.path / CONFIG_NAME} says {first.base_model!r}"
+                f"{other.path / CONFIG_NAME}: base_model_name_or_path is {shorten(other.base_model)} but "
+                f"{first.path / CONFIG_NAME} says {shorten(first.base_model)}"
             )
             if strict:
                 raise LataError(message + " (--strict)")
