@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from . import pipeline
-from .adapter import Adapter, load_adapter
+from .adapter import load_adapter
 from .combine import Combination
 from .dtypes import parse_dtype
 from .emit import emit_adapter, emit_folded
 from .fold import QuantOptions
-from .layers import blocks_of
 from .lowrank import norm
 from .models import resolve_model
 from .outputs import prepare_output
@@ -123,11 +122,8 @@ def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any
     """
     spec = _spec(InspectSpec, {"adapters": spec}, options)
     tasks, instruction = pipeline.load_inputs(spec.adapters, spec, spec.allow_pickle)
-    scored = [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
-    modules = sorted({name for adapter in scored for name in adapter.modules})
     ones = [1.0] * len(tasks)
-    inputs = pipeline.Inputs(tasks, pipeline.labels_of(tasks), ones, ones, instruction,
-                             blocks_of(modules, spec.layer_regex))
+    inputs = pipeline.assemble(tasks, instruction, ones, ones, spec.layer_regex)
     pipeline.check(inputs)
     table = pipeline.weight(pipeline.score(inputs, spec.granularity), spec).table() if instruction else {}
     result = InspectResult()

@@ -77,6 +77,11 @@ class Combination:
     def max_relative_error(self) -> float:
         return max((r.relative_error for r in self.reports), default=0.0)
 
+    @property
+    def parameters(self) -> int:
+        """Factor entries written: ``sum_m (out_m + in_m) * r_m``."""
+        return sum(sum(m.delta.shape) * m.delta.rank for m in self.modules.values())
+
 
 def _combine_factored(terms: list[tuple[float, LowRank]], policy: RankPolicy) -> tuple[LowRank, float, float]:
     exact = weighted_sum(terms)

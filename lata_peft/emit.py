@@ -60,8 +60,7 @@ def emit_adapter(spec: Spec, inputs: Inputs, combination: Combination, dtype: to
     assert inputs.target is not None
     config = output_config(inputs.tasks, combination.modules)
     base_layers = shared_base_layers(inputs.tasks)
-    parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
-    check_free_space(inputs.target, parameters * torch.tensor([], dtype=dtype).element_size() + (1 << 20))
+    check_free_space(inputs.target, combination.parameters * dtype.itemsize + (1 << 20))
     _write(inputs.target, spec, report, overwrite,
            lambda folder: save_adapter_files(folder, combination.modules, config, dtype, base_layers))
 

@@ -190,12 +190,13 @@ def fold_modules(
     if progress is not None:
         progress.start(sum(len(f.keys) for f in files), "folding" + (" into 4-bit" if four_bit else ""))
     seen: set[str] = set()
+    device = default_device()
     for key, handle in iter_tensors(files):
         if progress is not None:
             progress.advance()
         if any(key.endswith(f".weight.{part}") for part in QUANT_STATE_PARTS):
             continue  # read together with its packed weight
-        _fold_tensor(key, handle, targets, nf4, writer, result, base)
+        _fold_tensor(key, handle, targets, nf4, writer, result, base, device)
         if key in targets:
             seen.add(key)
     missing = sorted(set(targets) - seen)
@@ -214,9 +215,8 @@ def fold_modules(
 
 
 def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], nf4: NF4 | None,
-                 writer: ShardWriter, result: FoldResult, base: Path) -> None:
+                 writer: ShardWriter, result: FoldResult, base: Path, device: torch.device) -> None:
     """Read one base tensor (dequantising a 4-bit one), fold its delta in, write it (quantised)."""
-    device = default_device()
     module = key.removesuffix(".weight")
     tensor = handle.get_tensor(key)
     if nf4 is not None and key.endswith(".weight") and f"{key}{QUANT_STATE_SUFFIX}" in handle.keys:

@@ -48,20 +48,28 @@ def prepare_output(out: Path, protected: Sequence[Path], overwrite: bool = False
             raise LataError(f"{target}: the output would overwrite the input {source}")
         if target in source.parents:
             raise LataError(f"{target}: the output folder contains the input {source}; replacing it would delete it")
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise LataError(f"{target}: already exists (pass --overwrite to replace it)")
-        if not target.is_dir():
-            raise LataError(f"{target}: exists and is not a folder; --overwrite only replaces a lata-peft output")
-        if not (target / REPORT_NAME).is_file():
-            raise LataError(f"{target}: is not a lata-peft output (no {REPORT_NAME}); --overwrite only replaces "
-                            "folders that lata-peft wrote")
+    _check_replaceable(target, overwrite)
     ancestor = _existing_ancestor(target.parent)
     if not ancestor.is_dir():
         raise LataError(f"{target}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise LataError(f"{target}: {ancestor} is not writable")
     return target
+
+
+def _check_replaceable(target: Path, overwrite: bool, meanwhile: bool = False) -> None:
+    """An existing ``target`` may be replaced only with ``overwrite`` and only if lata-peft wrote it
+    (a folder holding ``lata_report.json``); ``meanwhile``: it appeared while this run was writing."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not overwrite:
+        when = "another run wrote it meanwhile; " if meanwhile else ""
+        raise LataError(f"{target}: already exists ({when}pass --overwrite to replace it)")
+    if not target.is_dir():
+        raise LataError(f"{target}: exists and is not a folder; --overwrite only replaces a lata-peft output")
+    if not (target / REPORT_NAME).is_file():
+        raise LataError(f"{target}: is not a lata-peft output (no {REPORT_NAME}); --overwrite only replaces "
+                        "folders that lata-peft wrote")
 
 
 def check_free_space(target: Path, needed: int) -> None:
@@ -119,11 +127,8 @@ def write_atomically(out: Path, fill: Callable[[Path], None], overwrite: bool = 
 def _swap_in(staging: Path, out: Path, overwrite: bool) -> None:
     """Rename ``staging`` to ``out`` (holding the lock); an ``out`` that another run wrote meanwhile
     is replaced with ``overwrite`` when it is ours, else refused."""
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise LataError(f"{out}: already exists (another run wrote it meanwhile; pass --overwrite to replace it)")
-        if not out.is_dir() or not (out / REPORT_NAME).is_file():
-            raise LataError(f"{out}: is not a lata-peft output; --overwrite only replaces folders lata-peft wrote")
+    _check_replaceable(out, overwrite, meanwhile=True)
+    if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / out.name)
         os.replace(staging, out)

@@ -18,7 +18,6 @@ import torch
 from .adapter import Adapter, load_adapter
 from .combine import Combination
 from .combine import combine as combine_modules
-from .errors import LataError
 from .instruction import DenseInstruction
 from .layers import blocks_of
 from .methods import METHODS
@@ -30,7 +29,7 @@ from .specs import CombineSpec, ScoringSpec
 from .validate import check_compatible
 from .weighting import LayerWeights, weigh
 
-__all__ = ["Inputs", "check", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
+__all__ = ["Inputs", "assemble", "check", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
 
 Instruction = Adapter | DenseInstruction
 
@@ -80,6 +79,14 @@ def load_inputs(
     return tasks, instruction
 
 
+def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[float], scales: list[float],
+             layer_regex: str | None, base: Path | None = None, target: Path | None = None) -> Inputs:
+    """``Inputs`` for loaded adapters: labels, and the block of every module (instruction's too), once."""
+    scored = [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
+    modules = sorted({name for adapter in scored for name in adapter.modules})
+    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks_of(modules, layer_regex), base, target)
+
+
 def load(spec: CombineSpec) -> Inputs:
     """Resolve the base and the output (refused before anything is read), then load every input."""
     sources = [*spec.adapters, *spec.forget]
@@ -91,11 +98,8 @@ def load(spec: CombineSpec) -> Inputs:
     if spec.out is not None and not spec.dry_run:
         target = prepare_output(Path(spec.out), protected, spec.overwrite)
     tasks, instruction = load_inputs(sources, spec, spec.allow_pickle)
-    modules = {name for adapter in [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
-               for name in adapter.modules}
     signs = [1.0] * len(spec.adapters) + [-1.0] * len(spec.forget)
-    return Inputs(tasks, labels_of(tasks), signs, spec.coefficients(), instruction,
-                  blocks_of(sorted(modules), spec.layer_regex), base, target)
+    return assemble(tasks, instruction, signs, spec.input_weights(), spec.layer_regex, base, target)
 
 
 def check(inputs: Inputs, strict: bool = False) -> None:
@@ -106,8 +110,7 @@ def check(inputs: Inputs, strict: bool = False) -> None:
 
 def score(inputs: Inputs, granularity: str) -> dict[str, list[LayerScore]]:
     """Per input label: the cosine of each unit (block or module) with the instruction vector."""
-    if inputs.instruction is None:
-        raise LataError("LATA needs an instruction vector: pass --instruction I or --instruction-from BASE INSTRUCT")
+    assert inputs.instruction is not None, "the spec requires an instruction vector for LATA"
     return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks)
             for label, task in zip(inputs.labels, inputs.tasks, strict=True)}
 

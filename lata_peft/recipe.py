@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from . import api
-from .errors import LataError
-from .spec import Spec, shorten
+from .errors import LataError, shorten
+from .spec import Spec
 from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
 
 __all__ = ["VERBS", "load_recipe", "run_recipe", "run_spec"]

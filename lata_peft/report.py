@@ -54,7 +54,6 @@ def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | No
                    dtype: torch.dtype, seconds: float) -> dict[str, Any]:
     """The report of one ``combine``: the spec (as resolved), inputs, layer weights, per-module results."""
     ranks = [r.rank for r in combination.reports]
-    parameters = sum(sum(m.delta.shape) * m.delta.rank for m in combination.modules.values())
     return {
         **header(spec),
         "lata": spec.uses_lata,
@@ -65,7 +64,7 @@ def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | No
         "layer_weights": weights.table() if weights is not None else {},
         "summary": {
             "modules": len(combination.modules),
-            "parameters": parameters,
+            "parameters": combination.parameters,
             "min_rank": min(ranks),
             "max_rank": max(ranks),
             "max_error": max(r.error for r in combination.reports),

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar, get_args, get_origin, get_type_hints
 
 from .errors import LataError, shorten
 
-__all__ = ["Spec", "coerce", "option", "shorten"]  # shorten: re-exported from errors
+__all__ = ["Spec", "coerce", "option"]
 
 S = TypeVar("S", bound="Spec")
 def option(default: Any, help: str, *, flags: tuple[str, ...] = (), key: str | None = None, cli: bool = True,

@@ -123,8 +123,9 @@ class CombineSpec(ScoringSpec):
             if len(values) > 1 and len(values) != count:
                 raise LataError(f"{flag}: got {len(values)} values for {count} adapters")
 
-    def coefficients(self) -> list[float]:
-        """``lambda * sign * w`` per input, task adapters first, then the forgotten ones."""
+    def input_weights(self) -> list[float]:
+        """``w`` per input (``--weight`` / ``--forget-weight``, one value for all, default 1), task
+        adapters first, then the forgotten ones; lambda and the sign are applied in the merge."""
         def per_input(values: tuple[float, ...], count: int) -> list[float]:
             return list(values) if len(values) == count else [values[0] if values else 1.0] * count
 
