@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import regex
 import torch
 
 from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
@@ -76,15 +77,28 @@ class Adapter:
 # ----------------------------------------------------------------------------- reading
 
 
+PATTERN_TIMEOUT_S = 1.0
+"""Longest time one rank/alpha pattern may take to match one module name (a crafted regex can
+backtrack for hours; PEFT's ``re`` has no time limit, ``regex`` has)."""
+
+
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
     """The first pattern key that matches the end of ``key_to_match`` (PEFT's rule, else the key itself).
 
     Same rule as ``peft.utils.other.get_pattern_key``, ``re.match(rf"(.*\.)?({key})$", module)``
-    (a test checks agreement); kept here so the CLI does not import peft to read a config.
+    (a test checks agreement); kept here so the CLI does not import peft to read a config. Matched
+    with ``regex`` (``re``-compatible) under :data:`PATTERN_TIMEOUT_S`: catastrophic backtracking
+    is a :class:`LataError`, not a hang.
     """
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", key_to_match):
-            return key
+        try:
+            if regex.match(rf"(.*\.)?({key})$", key_to_match, timeout=PATTERN_TIMEOUT_S):
+                return key
+        except TimeoutError:
+            raise LataError(f"pattern {shorten(key, 60)} takes over {PATTERN_TIMEOUT_S:g} s to match module "
+                            f"{_name(key_to_match)} (catastrophic backtracking)") from None
+        except regex.error as exc:
+            raise LataError(f"pattern {shorten(key, 60)} is not a valid regex ({exc})") from None
     return key_to_match
 
 
@@ -226,14 +240,14 @@ def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor,
         raise LataError(f"{source}: module {label} has factor shapes {shapes}, not a LoRA pair")
     kind = _module_kind(embedding, A, config.get("fan_in_fan_out", False))
     rank = A.shape[0]
+    try:
+        wanted, scale = expected_rank(config, name), module_scale(config, name, rank)
+    except LataError as exc:  # a pattern that can't be matched: name the file
+        raise LataError(f"{source.parent / CONFIG_NAME}: {exc}") from None
     if B.shape[1] != rank or any(d != 1 for d in B.shape[2:]):
         raise LataError(f"{source}: module {label} has inconsistent factor shapes {shapes}")
-    if rank != expected_rank(config, name):
-        raise LataError(
-            f"{source}: module {label} has rank {rank} but the config (r / rank_pattern) says "
-            f"{expected_rank(config, name)}"
-        )
-    scale = module_scale(config, name, rank)
+    if rank != wanted:
+        raise LataError(f"{source}: module {label} has rank {rank} but the config (r / rank_pattern) says {wanted}")
     check_factor_values(_name(name), (A, B), norms, scale, source)
     B_w, A_w = _weight_space(kind, A, B)
     return LoraModule(name, LowRank(B_w, A_w, scale), kind, tuple(A.shape), tuple(B.shape))

@@ -18,6 +18,7 @@ import torch
 from .adapter import Adapter, load_adapter
 from .combine import Combination
 from .combine import combine as combine_modules
+from .errors import LataError
 from .instruction import DenseInstruction
 from .layers import blocks_of
 from .methods import METHODS
@@ -83,8 +84,14 @@ def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[
              layer_regex: str | None, base: Path | None = None, target: Path | None = None) -> Inputs:
     """``Inputs`` for loaded adapters: labels, and the block of every module (instruction's too), once."""
     scored = [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
-    modules = sorted({name for adapter in scored for name in adapter.modules})
-    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks_of(modules, layer_regex), base, target)
+    blocks: dict[str, int | None] = {}
+    for adapter in scored:
+        try:
+            blocks.update(blocks_of([name for name in adapter.modules if name not in blocks], layer_regex))
+        except LataError as exc:  # name the adapter whose module has no block index
+            raise LataError(f"{adapter.path}: {exc}") from None
+    blocks = dict(sorted(blocks.items()))
+    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target)
 
 
 def load(spec: CombineSpec) -> Inputs:

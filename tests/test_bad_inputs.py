@@ -236,3 +236,40 @@ def test_combining_adapters_whose_saved_embeddings_differ(tmp_path, adapters):
 
     edit_tensors(other, resize)
     assert_refused(tmp_path, [str(adapters["embedding"]), str(other)], "base_layer.weight")
+
+
+def test_catastrophic_rank_pattern_is_refused_not_a_hang(tmp_path, adapters):
+    """``(.|.)*[0-9]{9}`` backtracks exponentially on a module name (Python's ``re`` runs for
+    hours; PEFT would hang loading this config): refused after the pattern time limit."""
+    bad = edit_config(copy_adapter(adapters["plain"], tmp_path / "bad"), rank_pattern={r"(.|.)*[0-9]{9}": 4})
+    message = assert_refused(tmp_path, [str(bad)], str(bad / "adapter_config.json"))
+    assert "catastrophic backtracking" in message
+
+
+def test_module_without_block_index_names_its_adapter(tmp_path, adapters):
+    def rename(tensors):
+        for key in [k for k in tensors if ".layers.0." in k]:
+            tensors[key.replace("model.layers.0.", "model.stack0.")] = tensors.pop(key)
+
+    bad = edit_tensors(copy_adapter(adapters["plain"], tmp_path / "bad"), rename)
+    edit_config(bad, target_modules=None)
+    message = assert_refused(tmp_path, [str(adapters["plain"]), str(bad)], str(bad))
+    assert "no transformer block index" in message and "--layer-regex" in message
+
+
+@pytest.mark.parametrize("errno_name", ["EROFS", "ENOSPC", "EACCES"])
+def test_write_failures_are_one_line_and_leave_nothing(tmp_path, adapters, monkeypatch, errno_name):
+    """A read-only, full or forbidden disk found while writing (root ignores permissions, so the
+    failure is injected where the bytes are written)."""
+    import errno
+    import os
+
+    import lata_peft.writing as writing
+
+    def fail(*args, **kwargs):
+        code = getattr(errno, errno_name)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(writing, "save_file", fail)
+    message = assert_refused(tmp_path, [str(adapters["plain"])], str(tmp_path / "combined"))
+    assert os.strerror(getattr(errno, errno_name)) in message and "nothing was written" in message
