@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ import regex
 import torch
 
 from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
+from .adapter_formats import normalize
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
 from .errors import LataError, first_line, shorten
+from .full_weights import parameter_module, parameter_name
 from .hub import is_hub_id, snapshot
 from .lowrank import LowRank
 
@@ -43,7 +45,8 @@ class LoraModule:
     """One adapted module: its weight-space delta and how to write it back as PEFT tensors.
 
     ``kind`` is ``linear``, ``linear_t`` (fan_in_fan_out), ``embedding`` or ``conv``;
-    ``a_shape`` / ``b_shape`` are the stored tensor shapes (convolutions need them).
+    ``a_shape`` / ``b_shape`` are the stored tensor shapes (convolutions need them). ``bias``
+    is the bias delta of a ``lora_bias`` adapter, scale included: ``s * lora_B.bias``.
     """
 
     name: str
@@ -51,6 +54,7 @@ class LoraModule:
     kind: str = "linear"
     a_shape: tuple[int, ...] = ()
     b_shape: tuple[int, ...] = ()
+    bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -64,6 +68,11 @@ class Adapter:
     sha256: dict[str, str] = field(default_factory=dict)
     base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
     """Full base weights PEFT saved beside the factors (``save_embedding_layers``): carried through."""
+    full: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
+    """Full trained parameters by model parameter name (``score.weight``), with their saved key: ``modules_to_save``
+    weights and biases trained with ``bias="all"|"lora_only"``; their task vector is ``saved - base``."""
+    warnings: tuple[str, ...] = ()
+    """What the reader noticed but did not refuse (e.g. trained against a 4-bit base)."""
 
     @property
     def name(self) -> str:
@@ -124,16 +133,20 @@ def _sha256(path: Path) -> str:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """Parse ``adapter_config.json``; refuse what is not plain LoRA or has a bad value (``check_config``)."""
+    return check_config(read_config_json(folder), folder / CONFIG_NAME)
+
+
+def read_config_json(folder: Path) -> Any:
+    """``adapter_config.json`` parsed, not yet checked (a missing or unreadable file is one line)."""
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise LataError(f"{config_path}: missing (not a PEFT adapter folder)")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints past the digit limit, deep nesting
         raise LataError(f"{config_path}: not valid JSON ({first_line(exc)})") from None
     except OSError as exc:
         raise LataError(f"{config_path}: can't be read ({first_line(exc)})") from None
-    return check_config(config, config_path)
 
 
 def read_tensors(folder: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
@@ -193,12 +206,22 @@ def peft_tensors(module: LoraModule, B_w: torch.Tensor, A_w: torch.Tensor) -> tu
     return A_w.reshape(a_shape), B_w.reshape(b_shape)
 
 
-def _module_kind(embedding: bool, A: torch.Tensor, fan_in_fan_out: bool) -> str:
+CONV1D_MODULE = re.compile(r"(?:^|\.)h\.\d+\.(?:attn|crossattention|mlp)\.(?:c_attn|q_attn|c_proj|c_fc)$")
+"""GPT-2-style ``transformers.pytorch_utils.Conv1D`` layers (GPT-2, DistilGPT-2, DialoGPT, ImageGPT...)."""
+
+
+def _module_kind(name: str, embedding: bool, A: torch.Tensor) -> str:
+    """How PEFT applies the module, from the architecture, not the config flag.
+
+    PEFT forces ``fan_in_fan_out`` on for ``Conv1D`` and off for ``nn.Linear`` when it loads
+    (``peft/tuners/lora/layer.py``, ``dispatch_default``), whatever the saved config says, so
+    adapters of one GPT-2 saved with ``fan_in_fan_out: false`` and ``true`` hold the same deltas.
+    """
     if embedding:
         return "embedding"
     if A.ndim > 2:
         return "conv"
-    return "linear_t" if fan_in_fan_out else "linear"
+    return "linear_t" if CONV1D_MODULE.search(name) else "linear"
 
 
 def _name(name: str) -> str:
@@ -217,8 +240,8 @@ def _pair_factors(tensors: dict[str, torch.Tensor], source: Path) -> tuple[dict[
             if "lora_magnitude_vector" in key:
                 raise LataError(f"{source}: DoRA magnitude vectors ({_name(key)}) are not supported yet")
             raise LataError(
-                f"{source}: tensor {shorten(key)} is not a LoRA factor "
-                "(modules_to_save or bias weights can't be combined)"
+                f"{source}: tensor {shorten(key)} is not a LoRA factor, and the config names no "
+                "modules_to_save or bias training that would explain it"
             )
         part = match["part"].replace("embedding_", "")
         parts = pairs.setdefault(match["module"], {})
@@ -230,6 +253,35 @@ def _pair_factors(tensors: dict[str, torch.Tensor], source: Path) -> tuple[dict[
     return pairs, embeddings
 
 
+def split_saved_tensors(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path
+) -> tuple[dict[str, tuple[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Take out of ``tensors`` what is not a LoRA factor but PEFT saves on purpose.
+
+    Returns ``{parameter name: (saved key, tensor)}`` of full trained parameters (the
+    ``modules_to_save`` modules' tensors; biases with ``bias="all"|"lora_only"``) and
+    ``{module: lora_B.bias}`` (``lora_bias=True``). What is left should be LoRA factors.
+    """
+    saved = config.get("modules_to_save") or []
+    trains_bias = config.get("bias", "none") != "none"
+    full: dict[str, tuple[str, torch.Tensor]] = {}
+    lora_biases: dict[str, torch.Tensor] = {}
+    for key in list(tensors):
+        bare = key.removeprefix(KEY_PREFIX)
+        if bare.endswith(".lora_B.bias") and config.get("lora_bias"):
+            lora_biases[bare.removesuffix(".lora_B.bias")] = tensors.pop(key)
+            continue
+        if _LORA_KEY.match(bare) or "lora_magnitude_vector" in key:
+            continue
+        name = parameter_name(key)
+        module = parameter_module(name)
+        if any(module == m or module.endswith(f".{m}") for m in saved) or (trains_bias and name.endswith(".bias")):
+            if name in full:
+                raise LataError(f"{source}: tensors {_name(full[name][0])} and {_name(key)} are the same parameter")
+            full[name] = (key, tensors.pop(key))
+    return full, lora_biases
+
+
 def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor, torch.Tensor], embedding: bool,
                  norms: tuple[float, float], source: Path) -> LoraModule:
     """One module's factors checked (shapes, rank, values) and turned into a weight-space delta."""
@@ -238,7 +290,7 @@ def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor,
     shapes = f"A{tuple(A.shape)} B{tuple(B.shape)}"
     if A.ndim < 2 or B.ndim != A.ndim or (embedding and A.ndim != 2) or 0 in (*A.shape, *B.shape):
         raise LataError(f"{source}: module {label} has factor shapes {shapes}, not a LoRA pair")
-    kind = _module_kind(embedding, A, config.get("fan_in_fan_out", False))
+    kind = _module_kind(name, embedding, A)
     rank = A.shape[0]
     try:
         wanted, scale = expected_rank(config, name), module_scale(config, name, rank)
@@ -253,10 +305,12 @@ def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor,
     return LoraModule(name, LowRank(B_w, A_w, scale), kind, tuple(A.shape), tuple(B.shape))
 
 
-def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, LoraModule]:
+def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path,
+                  lora_biases: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
     """Group ``<module>.lora_A/lora_B`` tensors into :class:`LoraModule` deltas, checking each.
 
-    ``config`` is a checked config (:func:`~lata_peft.adapter_config.check_config`).
+    ``config`` is a checked config (:func:`~lata_peft.adapter_config.check_config`);
+    ``lora_biases`` the ``lora_B.bias`` tensors by module (``lora_bias=True``).
     """
     pairs, embeddings = _pair_factors(tensors, source)
     norms = factor_norms(tensors)
@@ -270,6 +324,12 @@ def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], sour
         modules[name] = _load_module(
             config, name, factors, name in embeddings, (norms[keys[0]], norms[keys[1]]), source
         )
+    for name, bias in (lora_biases or {}).items():
+        module = modules.get(name)
+        rows = module.delta.shape[1 if module.kind == "linear_t" else 0] if module is not None else None
+        if module is None or bias.shape != (rows,):
+            raise LataError(f"{source}: {_name(name)}.lora_B.bias has no matching lora_B of {tuple(bias.shape)} rows")
+        modules[name] = replace(module, bias=module.delta.scale * bias.float())
     if not modules:
         raise LataError(f"{source}: holds no LoRA tensors")
     return modules
@@ -284,14 +344,17 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     with the config.
     """
     folder = resolve_adapter_path(source)
-    config = read_config(folder)
+    raw_config = read_config_json(folder)
     tensors, weights_path = read_tensors(folder, allow_pickle)
+    normalized = normalize(raw_config, tensors, weights_path)  # AdaLoRA, PEFT 0.2 layouts, old key names
+    config, tensors = check_config(normalized.config, folder / CONFIG_NAME), normalized.tensors
     base_layers = {key: tensors.pop(key) for key in list(tensors) if key.endswith(BASE_LAYER_SUFFIX)}
-    for key, tensor in base_layers.items():
+    full, lora_biases = split_saved_tensors(config, tensors, weights_path)
+    for key, tensor in [*base_layers.items(), *full.values(), *lora_biases.items()]:
         if not bool(torch.isfinite(tensor).all()):
             raise LataError(f"{weights_path}: tensor {_name(key)} has NaN or Inf weights")
-    modules = parse_modules(config, tensors, weights_path)
+    modules = parse_modules(config, tensors, weights_path, lora_biases)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     fingerprint = {CONFIG_NAME: _sha256(folder / CONFIG_NAME), weights_path.name: _sha256(weights_path)}
-    return Adapter(folder, config, modules, dtype, fingerprint, base_layers)
+    return Adapter(folder, config, modules, dtype, fingerprint, base_layers, full, normalized.warnings)

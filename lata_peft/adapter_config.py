@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import LataError, shorten
 
-__all__ = ["DEFAULT_ALPHA", "DEFAULT_R", "TASK_TYPES", "check_config"]
+__all__ = ["BIAS_MODES", "DEFAULT_ALPHA", "DEFAULT_R", "TASK_TYPES", "check_config"]
 
 DEFAULT_R = 8  # PEFT's LoraConfig defaults
 DEFAULT_ALPHA = 8
@@ -26,11 +26,12 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 # Fields whose presence means the adapter is more than plain LoRA factors.
 _UNSUPPORTED_FLAGS = {
     "use_dora": "DoRA adapters (use_dora=true) are not supported yet",
-    "lora_bias": "LoRA bias terms (lora_bias=true) can't be combined as factored deltas",
     "layer_replication": "layer_replication adapters are not supported",
     "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
 }
 _BOOLEAN_FLAGS = ("use_dora", "lora_bias")
+BIAS_MODES = ("none", "lora_only", "all")
+"""PEFT's ``bias``: train no biases, those of the LoRA-adapted modules, or all (saved as full tensors)."""
 
 
 def check_config(config: Any, path: Path) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
 
 
 def _check_plain_lora(config: dict[str, Any], path: Path) -> None:
-    """Refuse non-LoRA types, DoRA, bias terms, replicated layers and full trained weights."""
+    """Refuse non-LoRA types, DoRA and replicated layers; ``modules_to_save`` and ``bias`` well typed."""
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise LataError(f"{path}: peft_type is {shorten(peft_type)}; only LORA adapters can be combined")
@@ -71,13 +72,12 @@ def _check_plain_lora(config: dict[str, Any], path: Path) -> None:
     for key, problem in _UNSUPPORTED_FLAGS.items():
         if config.get(key):
             raise LataError(f"{path}: {problem}")
-    if config.get("modules_to_save"):
-        raise LataError(
-            f"{path}: modules_to_save={shorten(config['modules_to_save'])} are full trained weights, "
-            "not low-rank task vectors; they can't be combined (remove them from the adapter first)"
-        )
-    if config.get("bias", "none") != "none":
-        raise LataError(f"{path}: bias={shorten(config['bias'])} trains bias terms; only bias='none' is supported")
+    modules_to_save = config.get("modules_to_save")
+    if modules_to_save is not None and not (
+            isinstance(modules_to_save, list) and all(isinstance(m, str) for m in modules_to_save)):
+        raise LataError(f"{path}: modules_to_save must be a list of module names, got {shorten(modules_to_save)}")
+    if config.get("bias", "none") not in BIAS_MODES:
+        raise LataError(f"{path}: bias={shorten(config['bias'])} is not one of {', '.join(BIAS_MODES)}")
 
 
 def _positive_int(value: Any, path: Path, field: str) -> int:

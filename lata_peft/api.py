@@ -21,7 +21,9 @@ from .combine import Combination
 from .dtypes import parse_dtype
 from .emit import emit_adapter, emit_folded
 from .fold import QuantOptions
+from .full_weights import BaseWeights, combine_full
 from .lowrank import norm
+from .methods import METHODS
 from .models import resolve_model
 from .outputs import prepare_output
 from .progress import Progress
@@ -85,7 +87,7 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
     report = combine_report(spec, inputs, weights, combination, dtype, time.perf_counter() - started)
     if inputs.target is not None and inputs.base is not None:
         emit_folded(spec, combination.modules, inputs.base, inputs.target, spec.four_bit, report, spec.overwrite,
-                    progress=progress, started=started)
+                    progress=progress, started=started, dense=combination.full.deltas)
     elif inputs.target is not None:
         emit_adapter(spec, inputs, combination, dtype, report, spec.overwrite)
     table = weights.table() if weights is not None else {}
@@ -109,8 +111,10 @@ def fold(spec: FoldSpec | PathLike | None = None, base: PathLike | None = None, 
     adapter = load_adapter(spec.adapter, allow_pickle=spec.allow_pickle)
     report = {**header(spec), "method": "fold", "inputs": [adapter_entry(adapter, adapter.name, "adapter", None)]}
     quant = QuantOptions(spec.blocksize, spec.compute_dtype, spec.double_quant, spec.quant_storage)
+    dense = combine_full([(adapter.path, adapter.full)], lambda index, module: 1.0, METHODS["ta"],
+                         BaseWeights(base_path)).deltas if adapter.full else {}
     emit_folded(spec, adapter.modules, base_path, target, spec.four_bit, report, spec.overwrite, quant, progress,
-                started)
+                started, dense=dense)
     return report
 
 
@@ -123,7 +127,8 @@ def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any
     spec = _spec(InspectSpec, {"adapters": spec}, options)
     tasks, instruction = pipeline.load_inputs(spec.adapters, spec, spec.allow_pickle)
     ones = [1.0] * len(tasks)
-    inputs = pipeline.assemble(tasks, instruction, ones, ones, spec.layer_regex)
+    base_model = resolve_model(spec.base) if spec.base is not None else None
+    inputs = pipeline.assemble(tasks, instruction, ones, ones, spec.layer_regex, base_model=base_model)
     pipeline.check(inputs)
     table = pipeline.weight(pipeline.score(inputs, spec.granularity), spec).table() if instruction else {}
     result = InspectResult()
@@ -131,12 +136,26 @@ def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any
         rows = [{"module": name, "layer": inputs.blocks[name], "rank": m.delta.rank, "scale": m.delta.scale,
                  "norm": norm(m.delta)} for name, m in task.modules.items()]
         result.adapters[label] = {"path": str(task.path), "base_model": task.base_model,
-                                  "layers": table.get(label) or _layer_norms(rows), "modules": rows}
+                                  "layers": table.get(label) or _layer_norms(rows), "modules": rows,
+                                  "full_weights": _full_rows(task, inputs.base_weights)}
     if spec.plot is not None:
         from .plot import plot_layers
 
         plot_layers(result.adapters, Path(spec.plot), scheme=spec.scheme)
     return result
+
+
+def _full_rows(task: Any, base: BaseWeights | None) -> list[dict[str, Any]]:
+    """Full trained parameters (modules_to_save, biases): size, norm, and with the base the norm of
+    ``saved - base`` (``None`` where the base lacks the parameter or its shape differs)."""
+    rows = []
+    for name, (_, tensor) in sorted(task.full.items()):
+        reference = base.get(name) if base is not None else None
+        same = reference is not None and reference.shape == tensor.shape
+        rows.append({"parameter": name, "shape": list(tensor.shape), "parameters": tensor.numel(),
+                     "norm": float(tensor.double().norm()),
+                     "delta_norm": float((tensor.double() - reference.double()).norm()) if same else None})
+    return rows
 
 
 def _layer_norms(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:

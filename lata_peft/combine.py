@@ -12,15 +12,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .adapter import Adapter, LoraModule
 from .errors import LataError
+from .full_weights import FullCombination
 from .layers import block_index
 from .lowrank import LowRank, factorize, serial, truncate, weighted_sum
-from .methods import Method, module_generator
+from .methods import Method, merge_terms, module_generator
 
 __all__ = ["Combination", "ModuleReport", "RankPolicy", "combine"]
 
@@ -70,8 +71,11 @@ class ModuleReport:
 
 @dataclass
 class Combination:
+    """The combined LoRA modules, their reports, and the combined full trained parameters."""
+
     modules: dict[str, LoraModule]
     reports: list[ModuleReport]
+    full: FullCombination = field(default_factory=FullCombination)
 
     @property
     def max_relative_error(self) -> float:
@@ -96,15 +100,23 @@ def _combine_dense(
     terms: list[tuple[float, LowRank]], method: Method, policy: RankPolicy, density: float, seed: int, name: str,
     sign_method: str,
 ) -> tuple[LowRank, float, float]:
-    signs = torch.tensor([1.0 if c >= 0 else -1.0 for c, _ in terms])
-    deltas = torch.stack([sign * delta.dense() for sign, (_, delta) in zip(signs, terms, strict=True)])  # (k, out, in)
-    weights = torch.tensor([abs(c) for c, _ in terms], dtype=torch.float32)
-    merged = method.dense(deltas, weights, density, module_generator(seed, name), sign_method)  # (out, in)
-    del deltas
+    dense = [(c, delta.dense()) for c, delta in terms]  # (out, in) each
+    merged = merge_terms(dense, method, density, module_generator(seed, name), sign_method)
+    del dense
     rank = sum(delta.rank for _, delta in terms) if policy.mode == "exact" else policy.rank
     result = factorize(merged, rank=rank, energy=policy.energy)
     total = float(merged.double().norm())
     return result.delta, result.error, result.error / total if total else 0.0
+
+
+def _combine_biases(live: list[tuple[float, LoraModule]], method: Method, density: float, seed: int, name: str,
+                    sign_method: str) -> torch.Tensor | None:
+    """The ``lora_bias`` deltas merged like the weights (inputs without one contribute zeros)."""
+    biases = [module.bias for _, module in live if module.bias is not None]
+    if not biases:
+        return None
+    terms = [(c, module.bias if module.bias is not None else torch.zeros_like(biases[0])) for c, module in live]
+    return merge_terms(terms, method, density, module_generator(seed, f"{name}.bias"), sign_method)
 
 
 def combine(
@@ -128,14 +140,16 @@ def combine(
         modules: dict[str, LoraModule] = {}
         reports: list[ModuleReport] = []
         for name, inputs in _by_module(adapters).items():
-            terms = [(c, module.delta) for index, module in inputs if (c := coefficient(index, name)) != 0.0]
+            live = [(c, module) for index, module in inputs if (c := coefficient(index, name)) != 0.0]
+            terms = [(c, module.delta) for c, module in live]
             if terms:
                 if method.factored:
                     delta, error, relative = _combine_factored(terms, policy)
                 else:
                     delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
                 template = inputs[0][1]
-                modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape)
+                bias = _combine_biases(live, method, density, seed, name, sign_method)
+                modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape, bias)
                 block = blocks.get(name) if blocks is not None else block_index(name)
                 reports.append(ModuleReport(name, block, [d.rank for _, d in terms], [c for c, _ in terms],
                                             delta.rank, error, relative))

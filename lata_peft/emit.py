@@ -58,24 +58,27 @@ def emit_adapter(spec: Spec, inputs: Inputs, combination: Combination, dtype: to
                  report: dict[str, Any], overwrite: bool) -> None:
     """The combination as a PEFT adapter folder at ``inputs.target``."""
     assert inputs.target is not None
-    config = output_config(inputs.tasks, combination.modules)
+    full = combination.full.tensors
+    config = output_config(inputs.tasks, combination.modules, full)
     base_layers = shared_base_layers(inputs.tasks)
-    check_free_space(inputs.target, combination.parameters * dtype.itemsize + (1 << 20))
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    check_free_space(inputs.target, combination.parameters * dtype.itemsize + full_bytes + (1 << 20))
     _write(inputs.target, spec, report, overwrite,
-           lambda folder: save_adapter_files(folder, combination.modules, config, dtype, base_layers))
+           lambda folder: save_adapter_files(folder, combination.modules, config, dtype, base_layers, full))
 
 
 def emit_folded(spec: Spec, modules: dict[str, LoraModule], base: Path, target: Path, four_bit: bool,
                 report: dict[str, Any], overwrite: bool, quant: QuantOptions | None = None,
-                progress: Progress | None = None, started: float | None = None) -> None:
-    """``base`` with ``modules`` folded in (full precision or NF4) as a model folder at ``target``;
-    the report gains a ``fold`` entry (counts, bytes, the 4-bit error)."""
+                progress: Progress | None = None, started: float | None = None,
+                dense: dict[str, torch.Tensor] | None = None) -> None:
+    """``base`` with ``modules`` (and ``dense`` deltas by tensor name) folded in (full precision or
+    NF4) as a model folder at ``target``; the report gains a ``fold`` entry (counts, bytes, the 4-bit error)."""
     check_disk_space(base, target, four_bit)
     started = time.perf_counter() if started is None else started
 
     def payload(folder: Path) -> dict[str, Any]:
         result = fold_modules(modules, base, folder, four_bit=four_bit, quant=quant or QuantOptions(),
-                              progress=progress)
+                              progress=progress, dense=dense)
         return {"fold": {**result.to_dict(), "out": str(target), "base": str(base),
                          "seconds": round(time.perf_counter() - started, 3)}}
 

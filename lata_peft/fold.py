@@ -175,8 +175,10 @@ def fold_modules(
     four_bit: bool = False,
     quant: QuantOptions = QuantOptions(),
     progress: Any = None,
+    dense: dict[str, torch.Tensor] | None = None,
 ) -> FoldResult:
-    """Write the base with ``modules`` folded in into ``folder`` (an empty staging folder)."""
+    """Write the base with ``modules`` folded in into ``folder`` (an empty staging folder);
+    ``dense``: dense deltas added by base tensor name (full trained parameters, ``lora_bias``)."""
     config = read_model_config(base)
     base_quant = _base_quantization(config, base)
     four_bit = four_bit or base_quant is not None
@@ -184,6 +186,7 @@ def fold_modules(
     if four_bit and any(m.kind == "linear_t" for m in modules.values()):
         raise LataError(f"{base}: 4-bit folding of fan_in_fan_out (Conv1D) modules is not supported")
     targets = {f"{name}.weight": module for name, module in modules.items()}
+    dense = {**(dense or {}), **{f"{name}.bias": m.bias for name, m in modules.items() if m.bias is not None}}
     writer = ShardWriter(folder, {"format": "pt"})  # one key: see writing.save_adapter_files
     result = FoldResult(folder, four_bit, 0, 0)
     files = [TensorFile(path) for path in weight_files(base)]
@@ -196,10 +199,9 @@ def fold_modules(
             progress.advance()
         if any(key.endswith(f".weight.{part}") for part in QUANT_STATE_PARTS):
             continue  # read together with its packed weight
-        _fold_tensor(key, handle, targets, nf4, writer, result, base, device)
-        if key in targets:
-            seen.add(key)
-    missing = sorted(set(targets) - seen)
+        _fold_tensor(key, handle, targets, dense, nf4, writer, result, base, device)
+        seen.add(key)
+    missing = sorted((set(targets) | set(dense)) - seen)
     if missing:
         raise LataError(f"{base}: has no weight {missing[0]} that the adapter targets "
                         f"({len(missing)} missing): the adapter is not for this base model")
@@ -214,8 +216,8 @@ def fold_modules(
     return result
 
 
-def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], nf4: NF4 | None,
-                 writer: ShardWriter, result: FoldResult, base: Path, device: torch.device) -> None:
+def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], dense: dict[str, torch.Tensor],
+                 nf4: NF4 | None, writer: ShardWriter, result: FoldResult, base: Path, device: torch.device) -> None:
     """Read one base tensor (dequantising a 4-bit one), fold its delta in, write it (quantised)."""
     module = key.removesuffix(".weight")
     tensor = handle.get_tensor(key)
@@ -225,7 +227,7 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], n
         state = {part: handle.get_tensor(f"{key}.{part}") for part in QUANT_STATE_PARTS
                  if f"{key}.{part}" in handle.keys}
         quant_state = bnbf.QuantState.from_dict(dict(state), device=device)  # it edits the dict
-        if key not in targets and module in nf4.modules and _same_format(
+        if key not in targets and key not in dense and module in nf4.modules and _same_format(
                 quant_state, tensor, nf4.blocksize, nf4.double_quant, nf4.storage):
             # untouched and already in the requested format: copied bit for bit, never requantised
             writer.add(key, tensor)
@@ -242,6 +244,13 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], n
     if key in targets:
         exact = fold_weight(weight.to(device), targets[key], key, base)
         result.folded += 1
+    if key in dense:
+        if dense[key].shape != weight.shape:
+            raise LataError(f"{base}: {key} has shape {tuple(weight.shape)} but the adapter's delta is "
+                            f"{tuple(dense[key].shape)}: the adapter is not for this base model")
+        start = exact if exact is not None else weight.to(device, torch.float32)
+        exact = start + dense[key].to(device, torch.float32)
+        result.folded += key not in targets
     if nf4 is not None and module in nf4.modules:
         _write_quantized(key, exact if exact is not None else weight.to(device, torch.float32), exact is not None,
                          nf4, writer, result)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from .errors import LataError
 
-__all__ = ["BLOCK_PATTERN", "block_index", "blocks_of", "group_by_block"]
+__all__ = ["BLOCK_PATTERN", "block_index", "blocks_of", "group_by_block", "safe_block"]
 
 BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)(?:\.|$)")
 OUTSIDE_BLOCKS = re.compile(
@@ -68,3 +68,9 @@ def group_by_block(
 def blocks_of(modules: Iterable[str], layer_regex: str | None = None) -> dict[str, int | None]:
     """``{module: block}`` for every module, computed once per run and handed down the pipeline."""
     return {module: block_index(module, layer_regex) for module in modules}
+
+
+def safe_block(module: str) -> int | None:
+    """The block of ``module``, or ``None`` where its name has none (a head, an unknown layout)."""
+    match = BLOCK_PATTERN.search(module)
+    return int(match.group(1)) if match is not None else None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "Method", "module_generator"]
+__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "Method", "merge_terms", "module_generator"]
 
 DenseMerge = Callable[[torch.Tensor, torch.Tensor, float, torch.Generator, str], torch.Tensor]
 
@@ -112,3 +112,17 @@ SIGN_METHODS = ("total", "frequency")
 def module_generator(seed: int, module: str) -> torch.Generator:
     """A CPU generator seeded by ``seed`` and the module name: same seed, same masks, any order."""
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(module.encode()))
+
+
+def merge_terms(terms: list[tuple[float, torch.Tensor]], method: Method, density: float,
+                generator: torch.Generator, sign_method: str) -> torch.Tensor:
+    """Merge dense task vectors ``[(c_t, tau_t), ...]`` of one parameter by ``method``.
+
+    Task arithmetic: ``sum_t c_t tau_t``. Element-wise methods: a negative ``c_t`` enters as
+    ``-tau_t`` with weight ``|c_t|`` (see the module docstring).
+    """
+    if method.factored:
+        return sum(c * tau for c, tau in terms)
+    deltas = torch.stack([tau if c >= 0 else -tau for c, tau in terms])
+    weights = torch.tensor([abs(c) for c, _ in terms], dtype=deltas.dtype)
+    return method.dense(deltas, weights, density, generator, sign_method)

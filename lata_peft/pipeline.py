@@ -9,6 +9,7 @@ plus report and recipe, written in one place). ``api.combine`` runs the stages i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ from .adapter import Adapter, load_adapter
 from .combine import Combination
 from .combine import combine as combine_modules
 from .errors import LataError
+from .full_weights import BaseWeights, combine_full
 from .instruction import DenseInstruction
-from .layers import blocks_of
+from .layers import blocks_of, safe_block
 from .methods import METHODS
 from .models import resolve_model
 from .outputs import prepare_output
@@ -48,6 +50,7 @@ class Inputs:
     blocks: dict[str, int | None]
     base: Path | None = None
     target: Path | None = None
+    base_weights: BaseWeights | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,12 +80,18 @@ def load_inputs(
         instruction = load_adapter(spec.instruction, allow_pickle=allow_pickle)
     elif spec.instruction_from is not None:
         instruction = DenseInstruction(*spec.instruction_from)
+    for adapter in [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]:
+        for note in adapter.warnings:
+            warnings.warn(note, stacklevel=2)
     return tasks, instruction
 
 
 def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[float], scales: list[float],
-             layer_regex: str | None, base: Path | None = None, target: Path | None = None) -> Inputs:
-    """``Inputs`` for loaded adapters: labels, and the block of every module (instruction's too), once."""
+             layer_regex: str | None, base: Path | None = None, target: Path | None = None,
+             base_model: Path | None = None) -> Inputs:
+    """``Inputs`` for loaded adapters: labels, the block of every module (instruction's too), once,
+    and the base model's weights (``base_model``, else the fold's ``base``) for full trained parameters."""
+    base_model = base_model or base
     scored = [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
     blocks: dict[str, int | None] = {}
     for adapter in scored:
@@ -91,22 +100,25 @@ def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[
         except LataError as exc:  # name the adapter whose module has no block index
             raise LataError(f"{adapter.path}: {exc}") from None
     blocks = dict(sorted(blocks.items()))
-    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target)
+    holds_full = any(adapter.full for adapter in tasks)
+    base_weights = BaseWeights(base_model) if base_model is not None and holds_full else None
+    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target, base_weights)
 
 
 def load(spec: CombineSpec) -> Inputs:
     """Resolve the base and the output (refused before anything is read), then load every input."""
     sources = [*spec.adapters, *spec.forget]
     base = resolve_model(spec.fold_into) if spec.fold_into is not None else None
+    base_model = resolve_model(spec.base) if spec.base is not None else None
     protected = [Path(s) for s in [*sources, *([spec.instruction] if spec.instruction else []),
                                    *(spec.instruction_from or ())] if Path(s).exists()]
-    protected += [base] if base is not None else []
+    protected += [path for path in (base, base_model) if path is not None]
     target = None
     if spec.out is not None and not spec.dry_run:
         target = prepare_output(Path(spec.out), protected, spec.overwrite)
     tasks, instruction = load_inputs(sources, spec, spec.allow_pickle)
     signs = [1.0] * len(spec.adapters) + [-1.0] * len(spec.forget)
-    return assemble(tasks, instruction, signs, spec.input_weights(), spec.layer_regex, base, target)
+    return assemble(tasks, instruction, signs, spec.input_weights(), spec.layer_regex, base, target, base_model)
 
 
 def check(inputs: Inputs, strict: bool = False) -> None:
@@ -132,14 +144,18 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
     merge_method = METHODS["ta" if spec.method == "lata" else spec.method]
 
     def coefficient(index: int, module: str) -> float:
-        layer = weights.weight(inputs.labels[index], module, inputs.blocks[module]) if weights is not None else 1.0
+        block = inputs.blocks[module] if module in inputs.blocks else safe_block(module)
+        layer = weights.weight(inputs.labels[index], module, block) if weights is not None else 1.0
         return spec.lam * inputs.signs[index] * inputs.scales[index] * layer
 
     names = {name for task in inputs.tasks for name in task.modules}
     if progress is not None:
         progress.start(len(names), f"combining ({spec.method})")
-    return combine_modules(
+    combination = combine_modules(
         inputs.tasks, coefficient, merge_method, spec.rank_policy, density=spec.density, seed=spec.seed,
         sign_method=spec.sign_method, blocks=inputs.blocks,
         on_module=(lambda _: progress.advance()) if progress is not None else None,
     )
+    combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient, merge_method,
+                                    inputs.base_weights, spec.density, spec.seed, spec.sign_method)
+    return combination

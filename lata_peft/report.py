@@ -72,4 +72,5 @@ def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | No
             "seconds": round(seconds, 3),
         },
         "modules": [r.to_dict() for r in combination.reports],
+        "full_weights": combination.full.reports,
     }

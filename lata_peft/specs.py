@@ -45,6 +45,8 @@ class ScoringSpec(Spec):
     normalize: bool = option(False, "Rescale LATA weights to mean 1.")
     granularity: str = option("block", "Score per block or per module.")
     layer_regex: str | None = option(None, "Regex with one capture group, the block index (unknown architectures).")
+    base: str | None = option(None, "Base model folder (or hub id), read tensor by tensor: full trained weights "
+                                    "(modules_to_save, biases) become task vectors saved - base.", path=True)
 
     @property
     def weighting(self) -> LayerWeighting:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .adapter import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
 from .errors import LataError
+from .full_weights import parameter_module, parameter_name
 
 __all__ = ["adapter_tensors", "output_config", "save_adapter_files", "shared_base_layers"]
 
@@ -32,6 +33,8 @@ def adapter_tensors(modules: dict[str, LoraModule], dtype: torch.dtype) -> dict[
             a_key, b_key = f"{KEY_PREFIX}{name}.lora_A.weight", f"{KEY_PREFIX}{name}.lora_B.weight"
         tensors[a_key] = lora_A.to(dtype).contiguous()
         tensors[b_key] = lora_B.to(dtype).contiguous()
+        if module.bias is not None:  # lora_bias: written at scale 1, as the factors are
+            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = module.bias.to(dtype).contiguous()
     return tensors
 
 
@@ -53,10 +56,12 @@ def save_adapter_files(
     config: dict[str, Any],
     dtype: torch.dtype,
     base_layers: dict[str, torch.Tensor] | None = None,
+    full: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``; ``full``:
+    full trained parameters by saved key (``modules_to_save``, trained biases), in their own dtype."""
     metadata = {"format": "pt"}  # one key: safetensors writes metadata in hash order, so two keys are not reproducible
-    tensors = {**adapter_tensors(modules, dtype), **(base_layers or {})}
+    tensors = {**adapter_tensors(modules, dtype), **(base_layers or {}), **(full or {})}
     _check_finite(tensors)
     save_file(tensors, folder / SAFETENSORS_NAME, metadata=metadata)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -72,14 +77,18 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
             )
 
 
-def output_config(adapters: list[Adapter], modules: dict[str, LoraModule]) -> dict[str, Any]:
+def output_config(adapters: list[Adapter], modules: dict[str, LoraModule],
+                  full: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The ``adapter_config.json`` for what is written, never a copy of an input's.
 
     Factors carry their scale, so every module has ``alpha == r`` (scale 1): ``r`` and
     ``lora_alpha`` are the most common rank, ``rank_pattern`` / ``alpha_pattern`` list the
     modules of other ranks by full name. ``target_modules`` is the list of module suffixes
     when the inputs target by suffix and every input module is written; otherwise a regex
-    that matches exactly the written modules (PEFT ``fullmatch``es a string).
+    that matches exactly the written modules (PEFT ``fullmatch``es a string). ``modules_to_save``
+    and ``bias`` are the inputs' (for the ``full`` tensors written), ``lora_bias`` true when a
+    bias delta is written, ``fan_in_fan_out`` true for GPT-2 ``Conv1D`` modules, ``task_type``
+    the inputs' common one (else none).
     """
     from peft import LoraConfig
 
@@ -93,18 +102,25 @@ def output_config(adapters: list[Adapter], modules: dict[str, LoraModule]) -> di
         target_modules: list[str] | str = suffixes
     else:
         target_modules = "^(?:" + "|".join(re.escape(name) for name in sorted(modules)) + ")$"
-    first = adapters[0].config
+    task_types = {a.config.get("task_type") for a in adapters}
+    saved = sorted({m for a in adapters for m in a.config.get("modules_to_save") or []
+                    if any(parameter_module(n) == m or parameter_module(n).endswith(f".{m}")
+                           for n in map(parameter_name, full or {}))})
+    bias_modes = [a.config.get("bias", "none") for a in adapters]
+    bias = "all" if "all" in bias_modes else "lora_only" if "lora_only" in bias_modes else "none"
     config = LoraConfig(
         r=common,
         lora_alpha=common,
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         target_modules=target_modules,
-        fan_in_fan_out=bool(first.get("fan_in_fan_out", False)),
+        fan_in_fan_out=any(m.kind == "linear_t" for m in modules.values()),
         lora_dropout=0.0,
-        bias="none",
+        bias=bias,
+        lora_bias=any(m.bias is not None for m in modules.values()),
+        modules_to_save=saved or None,
         use_rslora=False,
-        task_type=first.get("task_type"),
+        task_type=task_types.pop() if len(task_types) == 1 else None,
         inference_mode=True,
     )
     config.base_model_name_or_path = adapters[0].base_model

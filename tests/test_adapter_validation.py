@@ -92,8 +92,8 @@ BAD_CONFIGS = {
     "task_type": ({"task_type": "causal"}, "task_type 'causal' is not one of"),
     "base_model_list": ({"base_model_name_or_path": ["gpt2"]}, "base_model_name_or_path must be a string"),
     "peft_type_huge": ({"peft_type": LONG}, "only LORA adapters"),
-    "bias_huge": ({"bias": LONG}, "only bias='none'"),
-    "modules_to_save_huge": ({"modules_to_save": [LONG]}, "modules_to_save="),
+    "bias_huge": ({"bias": LONG}, "is not one of none, lora_only, all"),
+    "modules_to_save_huge": ({"modules_to_save": LONG}, "modules_to_save must be a list"),
 }
 
 

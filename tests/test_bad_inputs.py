@@ -98,8 +98,8 @@ def test_broken_tensors(tmp_path, adapters, case):
 BROKEN_CONFIGS = {
     "not_lora": ({"peft_type": "IA3"}, "only LORA"),
     "dora": ({"use_dora": True}, "DoRA"),
-    "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    "bias": ({"bias": "all"}, "bias"),
+    "modules_to_save": ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
+    "bias": ({"bias": "some"}, "bias='some' is not one of none, lora_only, all"),
     "rank_mismatch": ({"r": 5}, "rank 4 but the config"),
 }
 

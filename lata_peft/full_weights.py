@@ -1,0 +1,137 @@
+"""Full trained parameters inside an adapter, and their task vectors ``saved - base``.
+
+PEFT saves whole tensors beside the LoRA factors for ``modules_to_save`` (classification heads,
+``lm_head``, ``embed_tokens``) and for biases trained with ``bias="all"`` or ``"lora_only"``
+(``peft/utils/save_and_load.py``, ``get_peft_model_state_dict``). They are not low rank: their
+task vector is the saved tensor minus the base model's (Ilharco et al. 2023, arXiv 2212.04089),
+combined with the same coefficients as the LoRA modules,
+
+    ``W_out = W_base + sum_i c_i (W_i - W_base)``
+
+(inputs without the parameter contribute nothing). Without the base, the saved tensors can only
+be carried through, when every input holding one agrees on it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import LataError
+from .layers import safe_block
+from .methods import Method, merge_terms, module_generator
+from .models import weight_files
+from .shards import TensorFile
+
+__all__ = ["BaseWeights", "FullCombination", "combine_full", "parameter_module", "parameter_name"]
+
+KEY_PREFIX = "base_model.model."
+_WRAPPERS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+
+def parameter_name(key: str) -> str:
+    """The model's own parameter name for a saved key: ``base_model.model.x.base_layer.bias`` -> ``x.bias``."""
+    return _WRAPPERS.sub("", key.removeprefix(KEY_PREFIX))
+
+
+def parameter_module(name: str) -> str:
+    """``score.weight`` -> ``score``."""
+    return name.rsplit(".", 1)[0]
+
+
+class BaseWeights:
+    """The base model's tensors by name, read one at a time from its safetensors files (never
+    the whole model). Names are tried as given, then with or without a leading ``model.``
+    (a base saved as ``LlamaModel`` vs ``LlamaForCausalLM``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._files = {key: handle for handle in map(TensorFile, weight_files(folder)) for key in handle.keys}
+
+    def key_for(self, name: str) -> str | None:
+        for candidate in (name, name.removeprefix("model."), f"model.{name}"):
+            if candidate in self._files:
+                return candidate
+        return None
+
+    def get(self, name: str) -> torch.Tensor | None:
+        key = self.key_for(name)
+        return self._files[key].get_tensor(key) if key is not None else None
+
+
+@dataclass
+class FullCombination:
+    """What the full parameters become: ``tensors`` to write in the adapter (by saved key),
+    ``deltas`` against the base (by parameter name, for a fold; empty without the base), and
+    one report row per parameter."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)
+
+
+def combine_full(
+    holdings: Sequence[tuple[Path, Mapping[str, tuple[str, torch.Tensor]]]],
+    coefficient: Callable[[int, str], float],
+    method: Method,
+    base: BaseWeights | None,
+    density: float = 0.5,
+    seed: int = 0,
+    sign_method: str = "total",
+) -> FullCombination:
+    """Combine every full parameter held by any input.
+
+    ``holdings[i]`` is input ``i``'s path and ``{parameter name: (saved key, tensor)}``;
+    ``coefficient(i, module)`` its signed coefficient. With ``base``: ``W_base + merge(c_i, W_i -
+    W_base)`` by ``method`` (task arithmetic, or TIES/DARE/magnitude on the dense differences).
+    Without: the saved tensor, when every input holding it agrees and none is subtracted.
+    """
+    result = FullCombination()
+    names = sorted({name for _, held in holdings for name in held})
+    for name in names:
+        module = parameter_module(name)
+        terms = [(index, coefficient(index, module), *held[name])
+                 for index, (_, held) in enumerate(holdings) if name in held]
+        key = terms[0][2]
+        if base is None:
+            result.tensors[key] = _carried(name, terms, holdings)
+            result.reports.append({"parameter": name, "inputs": len(terms), "mode": "carried"})
+            continue
+        reference = base.get(name)
+        if reference is None:
+            raise LataError(f"{holdings[terms[0][0]][0]}: {name} is not in the base {base.folder} (a newly "
+                            "initialised head has no task vector); combine adapters that share the head without "
+                            "--base, or use a base that has it")
+        for index, _, _, tensor in terms:
+            if tensor.shape != reference.shape:
+                raise LataError(f"{holdings[index][0]}: {name} has shape {tuple(tensor.shape)} but the base "
+                                f"{base.folder} has {tuple(reference.shape)} (resized vocabulary?)")
+        live = [(c, tensor.double() - reference.double()) for _, c, _, tensor in terms if c != 0.0]
+        delta = (merge_terms(live, method, density, module_generator(seed, name), sign_method)
+                 if live else torch.zeros_like(reference, dtype=torch.float64))
+        result.deltas[name] = delta.float()
+        result.tensors[key] = (reference.double() + delta).to(terms[0][3].dtype)
+        block = safe_block(module)
+        result.reports.append({"parameter": name, "block": block, "inputs": len(terms), "mode": "task vector",
+                               "coefficients": [c for _, c, _, _ in terms],
+                               "norm": float(delta.norm()), "base_norm": float(reference.double().norm())})
+    return result
+
+
+def _carried(name: str, terms: list[tuple[int, float, str, torch.Tensor]],
+             holdings: Sequence[tuple[Path, Mapping[str, tuple[str, torch.Tensor]]]]) -> torch.Tensor:
+    """The one saved value every input agrees on; differing or subtracted ones need the base."""
+    first_index, _, _, first = terms[0]
+    for index, c, _, tensor in terms:
+        if c < 0:
+            raise LataError(f"{holdings[index][0]}: subtracting its full trained {name} needs the base model: "
+                            "pass --base BASE (the task vector is saved - base)")
+        if tensor.shape != first.shape or not torch.equal(tensor, first):
+            raise LataError(f"{holdings[index][0]}: its trained {name} differs from the one in "
+                            f"{holdings[first_index][0]}; pass --base BASE to combine them as task vectors "
+                            "(saved - base)")
+    return first
