@@ -28,7 +28,7 @@ from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
 from .adapter_formats import normalize
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
 from .errors import LataError, first_line, shorten
-from .full_weights import parameter_module, parameter_name
+from .full_weights import parameter_module, parameter_name, saved_modules, saves
 from .hub import is_hub_id, snapshot
 from .lowrank import LowRank
 
@@ -262,7 +262,7 @@ def split_saved_tensors(
     ``modules_to_save`` modules' tensors; biases with ``bias="all"|"lora_only"``) and
     ``{module: lora_B.bias}`` (``lora_bias=True``). What is left should be LoRA factors.
     """
-    saved = config.get("modules_to_save") or []
+    saved = saved_modules(config)
     trains_bias = config.get("bias", "none") != "none"
     full: dict[str, tuple[str, torch.Tensor]] = {}
     lora_biases: dict[str, torch.Tensor] = {}
@@ -275,7 +275,7 @@ def split_saved_tensors(
             continue
         name = parameter_name(key)
         module = parameter_module(name)
-        if any(module == m or module.endswith(f".{m}") for m in saved) or (trains_bias and name.endswith(".bias")):
+        if saves(module, saved) is not None or (trains_bias and name.endswith(".bias")):
             if name in full:
                 raise LataError(f"{source}: tensors {_name(full[name][0])} and {_name(key)} are the same parameter")
             full[name] = (key, tensors.pop(key))

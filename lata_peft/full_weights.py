@@ -27,7 +27,9 @@ from .methods import Method, merge_terms, module_generator
 from .models import weight_files
 from .shards import TensorFile
 
-__all__ = ["BaseWeights", "FullCombination", "combine_full", "parameter_module", "parameter_name"]
+__all__ = [
+    "BaseWeights", "FullCombination", "combine_full", "parameter_module", "parameter_name", "saved_modules", "saves",
+]
 
 KEY_PREFIX = "base_model.model."
 _WRAPPERS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
@@ -41,6 +43,27 @@ def parameter_name(key: str) -> str:
 def parameter_module(name: str) -> str:
     """``score.weight`` -> ``score``."""
     return name.rsplit(".", 1)[0]
+
+
+HEADS_BY_TASK = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                 "QUESTION_ANS": ("qa_outputs",)}
+"""Heads PEFT adds to ``modules_to_save`` for a task type (``peft/peft_model.py``,
+``PeftModelForSequenceClassification`` & co.), even when the config saves ``null``."""
+
+
+def saved_modules(config: dict) -> list[str]:
+    """The config's ``modules_to_save`` and the heads its ``task_type`` implies."""
+    return [*(config.get("modules_to_save") or []), *HEADS_BY_TASK.get(config.get("task_type") or "", ())]
+
+
+def saves(module: str, names: list[str]) -> str | None:
+    """The entry of ``names`` that saves ``module`` in full, by PEFT's rule: the module, or one it
+    lies inside, has a name that *ends with* the entry (``peft/utils/other.py``, ``_set_trainable``:
+    ``key.endswith(target_key)``), so ``classifier`` saves ``classifier.out_proj`` and, as in PEFT,
+    DistilBERT's ``pre_classifier``."""
+    parts = module.split(".")
+    prefixes = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+    return next((name for name in names if any(prefix.endswith(name) for prefix in prefixes)), None)
 
 
 class BaseWeights:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from .adapter import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
 from .errors import LataError
-from .full_weights import parameter_module, parameter_name
+from .full_weights import parameter_module, parameter_name, saved_modules, saves
 
 __all__ = ["adapter_tensors", "output_config", "save_adapter_files", "shared_base_layers"]
 
@@ -103,9 +103,8 @@ def output_config(adapters: list[Adapter], modules: dict[str, LoraModule],
     else:
         target_modules = "^(?:" + "|".join(re.escape(name) for name in sorted(modules)) + ")$"
     task_types = {a.config.get("task_type") for a in adapters}
-    saved = sorted({m for a in adapters for m in a.config.get("modules_to_save") or []
-                    if any(parameter_module(n) == m or parameter_module(n).endswith(f".{m}")
-                           for n in map(parameter_name, full or {}))})
+    saved = sorted({entry for a in adapters for name in map(parameter_name, full or {})
+                    if (entry := saves(parameter_module(name), saved_modules(a.config))) is not None})
     bias_modes = [a.config.get("bias", "none") for a in adapters]
     bias = "all" if "all" in bias_modes else "lora_only" if "lora_only" in bias_modes else "none"
     config = LoraConfig(
@@ -128,8 +127,10 @@ def output_config(adapters: list[Adapter], modules: dict[str, LoraModule],
 
 
 def _targets_by_suffix(adapter: Adapter) -> bool:
-    """True when the adapter's own ``target_modules`` is a list of names (not a regex)."""
-    return isinstance(adapter.config.get("target_modules"), list)
+    """True when the adapter's own ``target_modules`` is a list of plain names (not a regex, and not
+    dotted like ``attn.c_proj``, which a suffix list would widen to ``mlp.c_proj``)."""
+    targets = adapter.config.get("target_modules")
+    return isinstance(targets, list) and all("." not in target for target in targets)
 
 
 def _json_ready(value: Any) -> Any:
