@@ -101,6 +101,8 @@ BROKEN_CONFIGS = {
     "modules_to_save": ({"modules_to_save": "lm_head"}, "modules_to_save must be a list"),
     "bias": ({"bias": "some"}, "bias='some' is not one of none, lora_only, all"),
     "rank_mismatch": ({"r": 5}, "rank 4 but the config"),
+    "layer_replication": ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
+    "target_parameters": ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
 }
 
 
