@@ -25,7 +25,7 @@ import regex
 import torch
 
 from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
-from .adapter_formats import normalize
+from .adapter_formats import KEY_PREFIX, normalize
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
 from .errors import LataError, first_line, shorten
 from .full_weights import parameter_module, parameter_name, saved_modules, saves
@@ -35,7 +35,6 @@ from .lowrank import LowRank
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
 BASE_LAYER_SUFFIX = ".base_layer.weight"  # embedding weights PEFT saves when it targets embeddings
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
@@ -129,11 +128,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """Parse ``adapter_config.json``; refuse what is not plain LoRA or has a bad value (``check_config``)."""
-    return check_config(read_config_json(folder), folder / CONFIG_NAME)
 
 
 def read_config_json(folder: Path) -> Any:

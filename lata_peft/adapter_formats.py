@@ -43,7 +43,8 @@ from .errors import LataError, first_line, shorten
 
 __all__ = ["Normalized", "normalize"]
 
-_PREFIX = "base_model.model."  # adapter.KEY_PREFIX (not imported: adapter imports this module)
+KEY_PREFIX = "base_model.model."
+"""What PEFT puts before a module name in a saved key (``adapter``, ``writing`` and ``full_weights`` use this one)."""
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 _ADALORA_PARTS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B")
 _ADALORA_ONLY = (
@@ -113,7 +114,7 @@ def _split_key(key: str, parts: tuple[str, ...]) -> tuple[str, str, str | None] 
 
     Accepts what PEFT has written: ``[base_model.model.]<module>.<part>[.<adapter>][.weight]``.
     """
-    names = key.removeprefix(_PREFIX).split(".")
+    names = key.removeprefix(KEY_PREFIX).split(".")
     for index in range(len(names) - 1, max(len(names) - 4, 0), -1):
         if names[index] in parts:
             tail = names[index + 1:]
@@ -131,7 +132,8 @@ def _split_key(key: str, parts: tuple[str, ...]) -> tuple[str, str, str | None] 
 
 def _canonical(module: str, part: str) -> str:
     """Today's PEFT key: ``base_model.model.<module>.lora_A.weight``; embeddings' factors have no ``.weight``."""
-    return f"{_PREFIX}{module}.{part}" if part.startswith("lora_embedding") else f"{_PREFIX}{module}.{part}.weight"
+    suffix = "" if part.startswith("lora_embedding") else ".weight"
+    return f"{KEY_PREFIX}{module}.{part}{suffix}"
 
 
 def _group(
@@ -271,7 +273,7 @@ def _rank_masks(pattern: Any, init_r: int, source: Path) -> dict[str, list[bool]
         raise LataError(f"{source}: AdaLoRA rank_pattern must be an object of boolean masks, got {shorten(pattern)}")
     masks: dict[str, list[bool]] = {}
     for key, mask in pattern.items():
-        names = str(key).removeprefix(_PREFIX).split(".")
+        names = str(key).removeprefix(KEY_PREFIX).split(".")
         if len(names) >= 2 and names[-1] == "lora_E":
             module = ".".join(names[:-1])
         elif len(names) >= 3 and names[-2] == "lora_E":

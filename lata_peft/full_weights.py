@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .adapter_formats import KEY_PREFIX
 from .errors import LataError
 from .layers import safe_block
 from .methods import Method, merge_terms, module_generator
@@ -31,7 +32,6 @@ __all__ = [
     "BaseWeights", "FullCombination", "combine_full", "parameter_module", "parameter_name", "saved_modules", "saves",
 ]
 
-KEY_PREFIX = "base_model.model."
 _WRAPPERS = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
 
 
@@ -76,12 +76,14 @@ class BaseWeights:
         self._files = {key: handle for handle in map(TensorFile, weight_files(folder)) for key in handle.keys}
 
     def key_for(self, name: str) -> str | None:
+        """The base's own key for parameter ``name``, or ``None``."""
         for candidate in (name, name.removeprefix("model."), f"model.{name}"):
             if candidate in self._files:
                 return candidate
         return None
 
     def get(self, name: str) -> torch.Tensor | None:
+        """The tensor of parameter ``name`` (see :meth:`key_for`), or ``None`` if the base lacks it."""
         key = self.key_for(name)
         return self._files[key].get_tensor(key) if key is not None else None
 
@@ -89,7 +91,7 @@ class BaseWeights:
 @dataclass
 class FullCombination:
     """What the full parameters become: ``tensors`` to write in the adapter (by saved key),
-    ``deltas`` against the base (by parameter name, for a fold; empty without the base), and
+    ``deltas`` against the base (by the base's tensor name, for a fold; empty without the base), and
     one report row per parameter."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -124,11 +126,12 @@ def combine_full(
             result.tensors[key] = _carried(name, terms, holdings)
             result.reports.append({"parameter": name, "inputs": len(terms), "mode": "carried"})
             continue
-        reference = base.get(name)
-        if reference is None:
+        base_key = base.key_for(name)
+        if base_key is None:
             raise LataError(f"{holdings[terms[0][0]][0]}: {name} is not in the base {base.folder} (a newly "
                             "initialised head has no task vector); combine adapters that share the head without "
                             "--base, or use a base that has it")
+        reference = base.get(base_key)
         for index, _, _, tensor in terms:
             if tensor.shape != reference.shape:
                 raise LataError(f"{holdings[index][0]}: {name} has shape {tuple(tensor.shape)} but the base "
@@ -136,7 +139,7 @@ def combine_full(
         live = [(c, tensor.double() - reference.double()) for _, c, _, tensor in terms if c != 0.0]
         delta = (merge_terms(live, method, density, module_generator(seed, name), sign_method)
                  if live else torch.zeros_like(reference, dtype=torch.float64))
-        result.deltas[name] = delta.float()
+        result.deltas[base_key] = delta.float()
         result.tensors[key] = (reference.double() + delta).to(terms[0][3].dtype)
         block = safe_block(module)
         result.reports.append({"parameter": name, "block": block, "inputs": len(terms), "mode": "task vector",

@@ -46,6 +46,7 @@ import torch
 
 from .adapter import Adapter, LoraModule, load_adapter
 from .errors import LataError, first_line, shorten
+from .full_weights import parameter_name
 from .hub import is_hub_id, snapshot
 from .models import is_model_folder, read_model_config, weight_files
 
@@ -159,7 +160,7 @@ def _check_saved_layers(adapter: Adapter, shapes: dict[str, tuple[int, ...]]) ->
     converter skips them (``.base_layer.weight``), which is right only when they are the base's own.
     Refused when their shape differs from the base's weight (a resized vocabulary)."""
     for key, tensor in sorted(adapter.base_layers.items()):
-        hf_name = key.removeprefix("base_model.model.").replace(".base_layer.weight", ".weight")
+        hf_name = parameter_name(key)
         expected = shapes.get(hf_name)
         if expected is not None and tuple(tensor.shape) != expected:
             raise LataError(f"{adapter.path}: saved {shorten(hf_name)} is {tuple(tensor.shape)} but the base's is "

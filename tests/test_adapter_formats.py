@@ -470,6 +470,3 @@ def test_pruned_modules_join_exclude_modules_in_every_form():
     assert [name for name in ("x.k_proj", "a.q", "aXq") if re.fullmatch(pattern, name)] == ["x.k_proj", "a.q"]
     assert excluding("lm_head", []) == "lm_head"
 
-
-def test_key_prefix_agrees_with_adapter():
-    assert adapter_formats._PREFIX == KEY_PREFIX
