@@ -192,3 +192,24 @@ def test_inspect_reports_full_weights(heads):
     saved = load_file(a / "adapter_model.safetensors")["base_model.model.score.weight"]
     original = load_file(base / "model.safetensors")["score.weight"]
     assert rows[0]["delta_norm"] == pytest.approx(float((saved - original).double().norm()), rel=1e-6)
+
+
+def test_base_without_the_head_or_with_another_shape_is_one_line(heads, tmp_path):
+    """--base must hold each full weight at the saved shape: else exit 2, one line, nothing written."""
+    from safetensors.torch import save_file
+
+    base, a, b = heads
+    for name, change in (("no_head", lambda t: t.pop("score.weight")),
+                         ("wide_head", lambda t: t.update({"score.weight": torch.zeros(5, 32)}))):
+        other = tmp_path / name
+        other.mkdir()
+        (other / "config.json").write_text((base / "config.json").read_text())
+        tensors = load_file(base / "model.safetensors")
+        change(tensors)
+        save_file(tensors, other / "model.safetensors")
+        out = tmp_path / f"out_{name}"
+        result = CliRunner().invoke(app, ["combine", str(a), str(b), "--base", str(other), "-o", str(out)])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and "score.weight" in lines[0], result.output
+        assert ("not in the base" if name == "no_head" else "resized vocabulary") in lines[0]
+        assert not out.exists()
