@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,10 +24,11 @@ from .fold import QuantOptions
 from .full_weights import BaseWeights, combine_full
 from .lowrank import norm
 from .methods import METHODS
-from .models import resolve_model
+from .models import read_model_config, resolve_model
 from .outputs import prepare_output
 from .progress import Progress
 from .report import adapter_entry, combine_report, header
+from .serving import serve
 from .spec import Spec
 from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
 
@@ -83,8 +84,10 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
     pipeline.check(inputs, strict=spec.strict)
     weights = pipeline.weight(pipeline.score(inputs, spec.granularity), spec) if spec.uses_lata else None
     combination = pipeline.merge(inputs, weights, spec, progress)
+    written, serving = serve(spec.target, combination.modules, combination.full.tensors, _layer_count(spec, inputs))
+    combination = replace(combination, modules=written)
     dtype = parse_dtype(spec.dtype) if spec.dtype is not None else inputs.dtype
-    report = combine_report(spec, inputs, weights, combination, dtype, time.perf_counter() - started)
+    report = combine_report(spec, inputs, weights, combination, serving, dtype, time.perf_counter() - started)
     if inputs.target is not None and inputs.base is not None:
         emit_folded(spec, combination.modules, inputs.base, inputs.target, spec.four_bit, report, spec.overwrite,
                     progress=progress, started=started, dense=combination.full.deltas)
@@ -92,6 +95,20 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
         emit_adapter(spec, inputs, combination, dtype, report, spec.overwrite)
     table = weights.table() if weights is not None else {}
     return CombineResult(inputs.target, combination, table, report, time.perf_counter() - started)
+
+
+def _layer_count(spec: CombineSpec, inputs: pipeline.Inputs) -> int | None:
+    """The model's transformer layers, for ``--target tgi`` (TGI drops a layer type some layer lacks): the
+    base's ``num_hidden_layers`` with ``--base``, else one past the last block any input adapts."""
+    if spec.target != "tgi":
+        return None
+    if spec.base is not None:
+        config = read_model_config(resolve_model(spec.base))
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        if isinstance(text.get("num_hidden_layers"), int):
+            return text["num_hidden_layers"]
+    blocks = [block for block in inputs.blocks.values() if block is not None]
+    return max(blocks) + 1 if blocks else None
 
 
 def fold(spec: FoldSpec | PathLike | None = None, base: PathLike | None = None, out: PathLike | None = None, *,

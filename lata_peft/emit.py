@@ -1,8 +1,9 @@
-"""The last stage: every output folder is written here, atomically, with its report and recipe.
+"""The last stage: every output folder is written here, atomically, with its report, recipe and card.
 
 An output folder holds its payload (a PEFT adapter, or a model with the combination folded
-in), ``lata_report.json`` (what was done, to what) and ``lata_recipe.yaml`` (the spec it was
-made from, with absolute input paths): ``lata-peft run OUT/lata_recipe.yaml -o OUT2`` makes it again.
+in), ``lata_report.json`` (what was done, to what), ``lata_recipe.yaml`` (the spec it was
+made from, with absolute input paths: ``lata-peft run OUT/lata_recipe.yaml -o OUT2`` makes it again)
+and ``README.md``, the model card (:mod:`lata_peft.model_card`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from .adapter import LoraModule
 from .combine import Combination
 from .errors import LataError
 from .fold import QuantOptions, check_disk_space, fold_modules
+from .model_card import CARD_NAME, card_license, model_card
 from .outputs import REPORT_NAME, check_free_space, write_atomically
 from .pipeline import Inputs
 from .progress import Progress
 from .spec import Spec
 from .writing import output_config, save_adapter_files, shared_base_layers
 
-__all__ = ["RECIPE_NAME", "emit_adapter", "emit_folded", "recipe_text"]
+__all__ = ["RECIPE_NAME", "command_text", "emit_adapter", "emit_folded", "recipe_text"]
 
 RECIPE_NAME = "lata_recipe.yaml"
 NOT_RECORDED = ("out", "overwrite", "dry_run")
@@ -37,6 +39,11 @@ def recipe_text(spec: Spec) -> str:
     """The YAML recipe of ``spec``: its options (absolute paths), without where it was written."""
     header = "# Made by lata-peft. Re-run with: lata-peft run lata_recipe.yaml -o OUT\n"
     return header + yaml.safe_dump({spec.verb: spec.to_mapping(skip=NOT_RECORDED, absolute=True)}, sort_keys=False)
+
+
+def command_text(spec: Spec) -> str:
+    """The one ``lata-peft`` command that makes the output again (absolute paths, ``-o OUT``)."""
+    return spec.command_line(skip=NOT_RECORDED, absolute=True) + " -o OUT"
 
 
 def _write(target: Path, spec: Spec, report: dict[str, Any], overwrite: bool,
@@ -50,6 +57,9 @@ def _write(target: Path, spec: Spec, report: dict[str, Any], overwrite: bool,
             raise LataError(f"{target}: writing failed ({exc}); nothing was written") from None
         (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         (folder / RECIPE_NAME).write_text(recipe_text(spec))
+        card = folder / CARD_NAME  # a folded model's holds the base's card, copied with its side files
+        license_name = card_license(card.read_text(errors="replace")) if card.is_file() else None
+        card.write_text(model_card(report, command_text(spec), license_name))
 
     write_atomically(target, fill, overwrite=overwrite)
 

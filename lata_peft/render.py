@@ -27,6 +27,8 @@ def combine_summary(result: Any) -> None:
                   + f", lambda {report['lambda']:g}, rank {report['rank']}")
     table.add_row("modules", str(summary["modules"]))
     table.add_row("output rank", f"{summary['min_rank']}–{summary['max_rank']}")
+    if report.get("serving"):
+        table.add_row("serving", _serving(report["serving"], summary))
     table.add_row("parameters", f"{summary['parameters']:,}")
     table.add_row("max truncation error", f"{summary['max_error']:.3g} (relative {summary['max_relative_error']:.3g})")
     table.add_row("time", f"{summary['seconds']:.2f} s")
@@ -36,6 +38,20 @@ def combine_summary(result: Any) -> None:
         layer_weights_table(result.layer_weights)
     if "fold" in report:
         fold_table(report["fold"])
+
+
+def _serving(serving: dict[str, Any], summary: dict[str, Any]) -> str:
+    """One line: the target, the rank written, and a warning for a mixed-rank PEFT output."""
+    if serving["rank"] is not None:
+        padded = "" if summary["min_rank"] == summary["max_rank"] == serving["rank"] else \
+            f", padded from {summary['min_rank']}–{summary['max_rank']}"
+        zeros = f", {serving['zero_modules']} zero modules for TGI's layer types" if serving["zero_modules"] else ""
+        rank = serving["rank"]
+        return f"{serving['target']}: rank {rank} for every module{padded}, lora_alpha {rank}{zeros}"
+    if serving["uniform_rank"]:
+        return "peft: uniform-rank (PEFT, vLLM and llama.cpp read it alike; for TGI use --target tgi)"
+    return ("[yellow]peft: not uniform-rank[/] — exact in PEFT and vLLM >= 0.32, wrong in llama.cpp and TGI: "
+            "write it with --target llama.cpp|tgi|vllm, or lata-peft export --gguf")
 
 
 def fold_table(fold: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
 
     from .pipeline import Inputs
+    from .serving import Serving
     from .specs import CombineSpec
     from .weighting import LayerWeights
 
@@ -51,8 +52,9 @@ def _inputs(inputs: Inputs) -> list[dict[str, Any]]:
 
 
 def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | None, combination: Combination,
-                   dtype: torch.dtype, seconds: float) -> dict[str, Any]:
-    """The report of one ``combine``: the spec (as resolved), inputs, layer weights, per-module results."""
+                   serving: Serving, dtype: torch.dtype, seconds: float) -> dict[str, Any]:
+    """The report of one ``combine``: the spec (as resolved), inputs, layer weights, per-module results,
+    and how the output is written for its serving target."""
     ranks = [r.rank for r in combination.reports]
     return {
         **header(spec),
@@ -69,8 +71,10 @@ def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | No
             "max_rank": max(ranks),
             "max_error": max(r.error for r in combination.reports),
             "max_relative_error": combination.max_relative_error,
+            "serving": serving.to_dict()["status"] if spec.fold_into is None else "folded model",
             "seconds": round(seconds, 3),
         },
+        "serving": serving.to_dict() if spec.fold_into is None else None,
         "modules": [r.to_dict() for r in combination.reports],
         "full_weights": combination.full.reports,
     }

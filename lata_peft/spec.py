@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import types
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -160,6 +161,31 @@ class Spec:
                 value = _absolute(value)
             mapping[spec_field.metadata.get("key") or spec_field.name] = _plain(value)
         return mapping
+
+    def command_line(self, skip: tuple[str, ...] = (), absolute: bool = False) -> str:
+        """The ``lata-peft`` command that makes this spec: its arguments, then a flag per field not at its
+        default (repeated for lists); with ``absolute``, local paths made absolute as in a recipe."""
+        words = ["lata-peft", self.verb]
+        for spec_field in fields(self):
+            value = getattr(self, spec_field.name)
+            default = spec_field.default if spec_field.default is not MISSING else None
+            if spec_field.name in skip or not spec_field.metadata.get("cli", True) or value == default:
+                continue
+            if absolute and spec_field.metadata.get("path"):
+                value = _absolute(value)
+            flag = flag_of(spec_field)
+            if spec_field.metadata.get("argument"):
+                words += [str(v) for v in (value if isinstance(value, tuple) else (value,))]
+            elif isinstance(value, bool):
+                words.append(flag if value else "--no-" + flag.removeprefix("--"))
+            elif isinstance(value, tuple) and isinstance(default, tuple):  # repeatable: --weight 1 --weight 0.5
+                for item in value:
+                    words += [flag, str(item)]
+            elif isinstance(value, tuple):  # a fixed pair: --instruction-from BASE INSTRUCT
+                words += [flag, *map(str, value)]
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
 
     def record(self) -> dict[str, Any]:
         """Every field under its YAML key (defaults included): what a report records."""

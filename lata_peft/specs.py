@@ -13,6 +13,7 @@ from .combine import RankPolicy
 from .dtypes import DTYPES
 from .errors import LataError
 from .methods import METHOD_NAMES, SIGN_METHODS
+from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
 
@@ -91,6 +92,8 @@ class CombineSpec(ScoringSpec):
     fold_into: str | None = option(None, "Write this base model with the combination folded in.", path=True)
     four_bit: bool = option(False, "With --fold-into: quantise to bitsandbytes NF4 once.", flags=("--4bit",),
                             key="4bit")
+    target: str = option("peft", "Serving engine the adapter is written for: " + " | ".join(TARGETS)
+                         + " (not peft: one rank for every module, lora_alpha = r; docs/SERVING.md).")
 
     @property
     def uses_lata(self) -> bool:
@@ -118,6 +121,11 @@ class CombineSpec(ScoringSpec):
             raise LataError("no output folder: pass -o OUT (or --dry-run)")
         if not self.adapters and not self.forget:
             raise LataError("no adapters given")
+        if self.target not in TARGETS:
+            raise LataError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if self.target != "peft" and self.fold_into is not None:
+            raise LataError(f"--target {self.target} writes an adapter for a server; with --fold-into the output is "
+                            "a model, which every engine loads as it is: drop one of the two")
         if self.four_bit and self.fold_into is None:
             raise LataError("--4bit needs --fold-into BASE (a 4-bit adapter is not a thing: the base is quantised)")
         for flag, values, count in (("--weight", self.weights, len(self.adapters)),
