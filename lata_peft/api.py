@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from .adapter import load_adapter
 from .combine import Combination
 from .dtypes import parse_dtype
 from .emit import emit_adapter, emit_folded
+from .errors import LataError
 from .fold import QuantOptions
 from .full_weights import BaseWeights, combine_full
 from .lowrank import norm
@@ -30,9 +32,9 @@ from .progress import Progress
 from .report import adapter_entry, combine_report, header
 from .serving import serve
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
 
-__all__ = ["CombineResult", "InspectResult", "combine", "compare", "fold", "inspect"]
+__all__ = ["CombineResult", "InspectResult", "combine", "compare", "export", "fold", "inspect"]
 
 S = TypeVar("S", bound=Spec)
 PathLike = str | os.PathLike[str]
@@ -108,6 +110,10 @@ def _layer_count(spec: CombineSpec, inputs: pipeline.Inputs) -> int | None:
         if isinstance(text.get("num_hidden_layers"), int):
             return text["num_hidden_layers"]
     blocks = [block for block in inputs.blocks.values() if block is not None]
+    if any(task.config.get("layers_to_transform") is not None for task in inputs.tasks):
+        warnings.warn("--target tgi: an input adapts only some layers (layers_to_transform), so the model's layer "
+                      "count is not known from the inputs; pass --base BASE, or TGI may drop a layer type that "
+                      "the last layers lack", stacklevel=2)
     return max(blocks) + 1 if blocks else None
 
 
@@ -133,6 +139,23 @@ def fold(spec: FoldSpec | PathLike | None = None, base: PathLike | None = None, 
     emit_folded(spec, adapter.modules, base_path, target, spec.four_bit, report, spec.overwrite, quant, progress,
                 started, dense=dense)
     return report
+
+
+def export(spec: ExportSpec | PathLike | None = None, out: PathLike | None = None, **options: Any) -> dict[str, Any]:
+    """Write one adapter as a llama.cpp LoRA GGUF at ``out`` (``--gguf``): the tensors and metadata of
+    llama.cpp's ``convert_lora_to_gguf.py``, with each module's scale folded into ``lora_b`` where the
+    converter's one ``lora_alpha`` would be wrong (mixed ranks), so llama.cpp computes PEFT's delta.
+    Returns the export's summary. Every option is a field of :class:`~lata_peft.specs.ExportSpec`."""
+    from .gguf_export import export_gguf
+
+    spec = _spec(ExportSpec, {"adapter": spec, "out": out}, options)
+    protected = [Path(spec.adapter), *([Path(spec.base)] if spec.base else [])]
+    target = Path(spec.out).expanduser().resolve()
+    for folder in (p.resolve() for p in protected if p.exists()):
+        if target == folder or (folder.is_dir() and target.parent == folder and not target.name.endswith(".gguf")):
+            raise LataError(f"{target}: is one of the inputs ({folder}); write the .gguf elsewhere")
+    return {"verb": "export", "format": "gguf", **export_gguf(spec.adapter, target, spec.base,
+                                                              overwrite=spec.overwrite)}
 
 
 def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any) -> InspectResult:

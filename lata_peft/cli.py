@@ -1,6 +1,6 @@
 """``lata-peft``: typer commands built from the verbs' specs, calling the API. No maths here.
 
-``combine``, ``inspect``, ``fold`` and ``compare`` take their options from the fields of their
+``combine``, ``inspect``, ``fold``, ``export`` and ``compare`` take their options from the fields of their
 spec (:mod:`lata_peft.specs`): the flag names, types, defaults and help text are stated once,
 there. A :class:`LataError` becomes one ``error:`` line on stderr and exit code 2; SIGTERM is
 handled like Ctrl-C (the output being written is removed, nothing half-written is left).
@@ -26,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import render
 from .errors import LataError
-from .recipe import load_recipe, run_spec
+from .recipe import PROGRESS_VERBS, load_recipe, run_spec
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
 
 app = typer.Typer(
     help="Combine LoRA adapters with Layer-Aware Task Arithmetic (LATA), TA, TIES, DARE.",
@@ -151,14 +151,16 @@ def show_result(result: Any, as_json: bool) -> None:
         else:
             scored = any(row.get("cosine") is not None for a in result.adapters.values() for row in a["layers"])
             render.inspect_tables(result, scored)
+    elif isinstance(result, dict) and result.get("format") == "gguf":
+        _print_json(result) if as_json else render.export_table(result)
     elif isinstance(result, dict) and "fold" in result:
         _print_json(result) if as_json else render.fold_table(result["fold"])
     else:
         _print_json(result) if as_json else render.compare_summary(result)
 
 
-for _spec_class in (CombineSpec, InspectSpec, FoldSpec, CompareSpec):
-    spec_command(_spec_class, show_result, progress=_spec_class is not InspectSpec)
+for _spec_class in (CombineSpec, InspectSpec, FoldSpec, ExportSpec, CompareSpec):
+    spec_command(_spec_class, show_result, progress=_spec_class.verb in PROGRESS_VERBS)
 
 
 @app.command()
@@ -173,9 +175,9 @@ def run(
     overrides: dict[str, Any] = {k: v for k, v in (("out", str(out) if out else None), ("overwrite", overwrite),
                                                    ("dry_run", dry_run)) if v}
     spec = _guarded(lambda: load_recipe(recipe, **overrides))
-    bar = RichProgress(enabled=not as_json and spec.verb != "inspect")
+    bar = RichProgress(enabled=not as_json and spec.verb in PROGRESS_VERBS)
     with bar.bar:
-        result = _guarded(lambda: run_spec(spec, **({"progress": bar} if spec.verb != "inspect" else {})))
+        result = _guarded(lambda: run_spec(spec, **({"progress": bar} if spec.verb in PROGRESS_VERBS else {})))
     show_result(result, as_json)
 
 

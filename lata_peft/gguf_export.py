@@ -254,12 +254,23 @@ def _alora_tokens(adapter: Adapter) -> list[int] | None:
     return list(tokens) if tokens else None
 
 
+def _is_gguf(path: Path) -> bool:
+    """A regular file that starts with GGUF's magic bytes (what ``--overwrite`` may replace)."""
+    try:
+        with path.open("rb") as handle:
+            return path.is_file() and handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def _check_out(out: Path, overwrite: bool) -> Path:
     target = Path(out).expanduser().resolve()
     if target.is_dir():
         raise LataError(f"{target}: is a folder; give the .gguf file to write")
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise LataError(f"{target}: already exists (pass --overwrite to replace it)")
+    if target.is_symlink() or (target.exists() and not _is_gguf(target)):
+        raise LataError(f"{target}: exists and is not a GGUF file; --overwrite only replaces a .gguf file")
     ancestor = next((p for p in target.parents if p.exists()), Path("/"))
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise LataError(f"{target}: {ancestor} is not a writable folder")

@@ -2,7 +2,7 @@
 
 ```yaml
 # lata-peft run recipes/math_code_lata.yaml
-combine:                  # the verb: combine | inspect | fold | compare
+combine:                  # the verb: combine | inspect | fold | export | compare
   adapters: [examples/adapters/math, examples/adapters/code]
   instruction: examples/adapters/instruct
   method: lata
@@ -25,11 +25,14 @@ import yaml
 from . import api
 from .errors import LataError, shorten
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
 
-__all__ = ["VERBS", "load_recipe", "run_recipe", "run_spec"]
+__all__ = ["PROGRESS_VERBS", "VERBS", "load_recipe", "run_recipe", "run_spec"]
 
-VERBS: dict[str, type[Spec]] = {spec.verb: spec for spec in (CombineSpec, InspectSpec, FoldSpec, CompareSpec)}
+VERBS: dict[str, type[Spec]] = {spec.verb: spec for spec in (CombineSpec, InspectSpec, FoldSpec, ExportSpec,
+                                                              CompareSpec)}
+PROGRESS_VERBS = ("combine", "fold", "compare")
+"""The verbs whose API call takes a ``progress`` (the others are quick, or print nothing while they run)."""
 MAX_RECIPE_BYTES = 1 << 20
 
 
@@ -69,12 +72,13 @@ def load_recipe(path: str | Path, **overrides: Any) -> Spec:
 
 def run_spec(spec: Spec, **runtime: Any) -> Any:
     """Call the verb of ``spec`` (``runtime``: e.g. ``progress``)."""
-    function = {"combine": api.combine, "inspect": api.inspect, "fold": api.fold, "compare": api.compare}[spec.verb]
+    function = {"combine": api.combine, "inspect": api.inspect, "fold": api.fold, "export": api.export,
+                "compare": api.compare}[spec.verb]
     return function(spec, **runtime)
 
 
 def run_recipe(path: str | Path, progress: Any = None, **overrides: Any) -> Any:
     """Run the recipe's single API call; ``overrides`` (e.g. ``overwrite=True``, ``out=...``) win over the file."""
     spec = load_recipe(path, **overrides)
-    runtime = {"progress": progress} if spec.verb in ("combine", "fold", "compare") else {}
+    runtime = {"progress": progress} if spec.verb in PROGRESS_VERBS else {}
     return run_spec(spec, **runtime)

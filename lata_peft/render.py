@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["combine_summary", "compare_summary", "eval_table", "fold_table", "inspect_tables", "out_console"]
+__all__ = ["combine_summary", "compare_summary", "eval_table", "export_table", "fold_table", "inspect_tables",
+           "out_console"]
 
 out_console = Console()
 
@@ -52,6 +53,22 @@ def _serving(serving: dict[str, Any], summary: dict[str, Any]) -> str:
         return "peft: uniform-rank (PEFT, vLLM and llama.cpp read it alike; for TGI use --target tgi)"
     return ("[yellow]peft: not uniform-rank[/] — exact in PEFT and vLLM >= 0.32, wrong in llama.cpp and TGI: "
             "write it with --target llama.cpp|tgi|vllm, or lata-peft export --gguf")
+
+
+def export_table(summary: dict[str, Any]) -> None:
+    """The GGUF export's summary: the file, its architecture, modules, rank and scale handling."""
+    table = Table(title="lata-peft export", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("written to", escape(summary["path"]))
+    table.add_row("architecture", summary["architecture"])
+    table.add_row("modules", f"{summary['modules']} ({summary['tensors']} tensors, F32)")
+    table.add_row("rank", f"up to {summary['rank']}, adapter.lora.alpha {summary['alpha']:g}")
+    table.add_row("scale", "folded into lora_b per module (mixed ranks or patterns: exact in llama.cpp)"
+                  if summary["scale_folded"] else "as llama.cpp's converter writes it (already exact)")
+    table.add_row("size", f"{summary['bytes'] / 1e6:.1f} MB")
+    table.add_row("use", f"llama-server -m BASE.gguf --lora {escape(summary['path'])}  (Ollama: ADAPTER line)")
+    out_console.print(table)
 
 
 def fold_table(fold: dict[str, Any]) -> None:

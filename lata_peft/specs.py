@@ -17,7 +17,7 @@ from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
 
-__all__ = ["CombineSpec", "CompareSpec", "FoldSpec", "InspectSpec", "ScoringSpec"]
+__all__ = ["CombineSpec", "CompareSpec", "ExportSpec", "FoldSpec", "InspectSpec", "ScoringSpec"]
 
 Paths = tuple[str, ...]
 QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
@@ -186,6 +186,25 @@ class FoldSpec(Spec):
             raise LataError(f"--compute-dtype {self.compute_dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.quant_storage is not None and self.quant_storage not in QUANT_STORAGE:
             raise LataError(f"--quant-storage {self.quant_storage!r}: expected one of {', '.join(QUANT_STORAGE)}")
+
+
+@dataclass(frozen=True)
+class ExportSpec(Spec):
+    """Write an adapter as a llama.cpp LoRA GGUF (llama-server --lora, Ollama ADAPTER), computed as PEFT computes it."""
+
+    verb: ClassVar[str] = "export"
+
+    adapter: str = option("", "PEFT LoRA adapter folder (or hub id).", argument=True, path=True)
+    out: str = option("", "The .gguf file to write.", flags=("--gguf", "-o"), key="gguf")
+    base: str | None = option(None, "Base model folder or hub id; only its config.json and tensor shapes are read "
+                                    "(default: the adapter's base_model_name_or_path).", path=True)
+    overwrite: bool = option(False, "Replace an existing .gguf file.")
+
+    def check(self) -> None:
+        if not self.adapter:
+            raise LataError("export needs an adapter folder")
+        if not self.out:
+            raise LataError("export needs the file to write: --gguf OUT.gguf")
 
 
 @dataclass(frozen=True)

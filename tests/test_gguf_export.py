@@ -211,5 +211,8 @@ def test_refusals_write_nothing(tmp_path: Path, adapters: dict[str, Path], tiny_
     (out / "a.gguf").write_bytes(b"mine")
     _refused(lambda: export_gguf(plain, out / "a.gguf", tiny_base), out, "already exists")
     assert (out / "a.gguf").read_bytes() == b"mine"
+    _refused(lambda: export_gguf(plain, out / "a.gguf", tiny_base, overwrite=True), out, "is not a GGUF file")
+    assert (out / "a.gguf").read_bytes() == b"mine"  # --overwrite replaces only a GGUF file
+    (out / "a.gguf").write_bytes(b"GGUF and an old export")
     export_gguf(plain, out / "a.gguf", tiny_base, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["a.gguf"]  # no temporary file left

@@ -227,3 +227,46 @@ def test_folded_output_card_keeps_the_base_license(tmp_path: Path, adapters: dic
     assert front["license"] == "apache-2.0" and front["library_name"] == "transformers"
     assert "the base's own card" not in card and sha256(adapters["plain"] / "adapter_model.safetensors") in card
     assert "lata-peft fold" in card
+
+
+# ----------------------------------------------------------------------------- export --gguf
+
+
+def test_export_verb_writes_what_llamacpp_computes_as_peft(tmp_path: Path, base: torch.nn.Module,
+                                                           adapters: dict[str, Path], tiny_base: Path) -> None:
+    """``lata-peft export`` of a mixed-rank combination, then as a recipe; llama.cpp's reading of the file
+    (``test_gguf_export.llamacpp_deltas``) equals PEFT's own merge of the folder."""
+    from test_gguf_export import assert_deltas, llamacpp_deltas
+
+    folder = tmp_path / "energy"
+    lata_peft.combine([adapters["plain"], adapters["rank8"]], folder, rank="energy:0.9")
+    out = tmp_path / "energy.gguf"
+    result = runner.invoke(app, ["export", str(folder), "--gguf", str(out), "--base", str(tiny_base), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["scale_folded"] and summary["path"] == str(out) and out.stat().st_size == summary["bytes"]
+    got = llamacpp_deltas(out, base.config.num_attention_heads, base.config.num_key_value_heads)
+    expected = {k.removesuffix(".weight"): d for k, d in peft_delta_weights(base, folder).items()}
+    assert_deltas(got, expected, rtol=1e-4)
+    recipe = tmp_path / "export.yaml"
+    recipe.write_text(yaml.safe_dump({"export": {"adapter": str(folder), "gguf": str(out), "base": str(tiny_base)}}))
+    again = tmp_path / "again.gguf"
+    assert runner.invoke(app, ["run", str(recipe), "-o", str(again)]).exit_code == 0
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_export_never_replaces_an_input_or_a_file_that_is_not_gguf(tmp_path: Path, adapters: dict[str, Path],
+                                                                   tiny_base: Path) -> None:
+    folder = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(adapters["plain"], folder)
+    before = {p.name: sha256(p) for p in folder.iterdir()}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for target in (folder / "adapter_model.safetensors", folder, notes):
+        result = runner.invoke(app, ["export", str(folder), "--gguf", str(target), "--base", str(tiny_base),
+                                     "--overwrite"])
+        assert result.exit_code == 2 and result.output.startswith("error:"), result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert {p.name: sha256(p) for p in folder.iterdir()} == before and notes.read_text() == "mine"
