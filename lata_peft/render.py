@@ -129,6 +129,22 @@ def inspect_tables(result: Any, scored: bool) -> None:
                 cells += [f"{row['weights'][n]:.2f}" for n in ("linear", "log", "threshold")]
             table.add_row(*cells)
         out_console.print(table)
+        if adapter.get("full_weights"):
+            full_weights_table(adapter["full_weights"])
+
+
+def full_weights_table(rows: list[dict[str, Any]]) -> None:
+    """Full trained parameters (modules_to_save, biases): shape, size, norm, and with --base ``|saved - base|``."""
+    table = Table(title="full trained weights (modules_to_save, biases)", title_justify="left",
+                  caption="|saved - base|: the task vector, with --base BASE")
+    for name, justify in (("parameter", "left"), ("shape", "right"), ("parameters", "right"), ("norm", "right"),
+                          ("|saved - base|", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        delta = "-" if row["delta_norm"] is None else f"{row['delta_norm']:.4f}"
+        table.add_row(escape(row["parameter"]), "x".join(map(str, row["shape"])), f"{row['parameters']:,}",
+                      f"{row['norm']:.4f}", delta)
+    out_console.print(table)
 
 
 def compare_summary(summary: dict[str, Any]) -> None:
