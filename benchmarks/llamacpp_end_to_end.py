@@ -13,7 +13,8 @@ real prompt:
    ``convert_hf_to_gguf.py --outtype f32`` (cached in the work folder; ``--rebuild-base`` redoes it);
 2. the shipped adapters ``examples/adapters/math`` and ``examples/adapters/code`` are combined with
    the ``lata-peft`` CLI into a uniform-rank output (``--rank exact``: every module rank 8 + 8 = 16)
-   and a mixed-rank one (``--rank energy:0.9``);
+   and a mixed-rank one (``--rank energy:0.9``), and that one again with ``--target llama.cpp`` (every
+   module zero-padded to the largest rank, ``lora_alpha`` = that rank: the converter's file is exact);
 3. each of ``math`` alone (an input adapter, rank 8 everywhere) and the two outputs is written as a
    LoRA GGUF twice: by llama.cpp's ``convert_lora_to_gguf.py --outtype f32 --base BASE`` and by
    ``export_gguf``;
@@ -82,6 +83,7 @@ ADAPTER_RUNS: list[tuple[str, list[str], list[str] | None]] = [
     ("math", ["math"], None),
     ("math+code exact", ["math", "code"], ["--rank", "exact"]),
     ("math+code energy:0.9", ["math", "code"], ["--rank", "energy:0.9"]),
+    ("energy:0.9 target llama.cpp", ["math", "code"], ["--rank", "energy:0.9", "--target", "llama.cpp"]),
 ]
 FILES = ("converter", "lata-peft")
 
