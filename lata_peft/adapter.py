@@ -6,7 +6,9 @@ of the base weight it is added to (``(out, in)`` for ``nn.Linear``, ``(in, out)`
 GPT-2's ``Conv1D`` with ``fan_in_fan_out``, ``(num_embeddings, dim)`` for embeddings,
 ``(out, in * kh * kw)`` for convolutions). Factors keep their stored dtype; maths
 upcasts. Scale per module: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with
-``rank_pattern`` / ``alpha_pattern`` matched by PEFT's own ``get_pattern_key``.
+``rank_pattern`` / ``alpha_pattern`` matched by PEFT's own ``get_pattern_key``. A DoRA module
+(``use_dora``) also holds its magnitude vector; its task vector needs the base weight
+(:mod:`lata_peft.dora`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import torch
 from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
 from .adapter_formats import KEY_PREFIX, normalize
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
+from .dora import MAGNITUDE_KEY, dora_delta, magnitude_length
 from .errors import LataError, first_line, shorten
 from .full_weights import parameter_module, parameter_name, saved_modules, saves
 from .hub import is_hub_id, snapshot
@@ -46,6 +49,10 @@ class LoraModule:
     ``kind`` is ``linear``, ``linear_t`` (fan_in_fan_out), ``embedding`` or ``conv``;
     ``a_shape`` / ``b_shape`` are the stored tensor shapes (convolutions need them). ``bias``
     is the bias delta of a ``lora_bias`` adapter, scale included: ``s * lora_B.bias``.
+    ``magnitude`` is a DoRA module's ``m`` (flattened, one per output feature): its task vector is
+    then :func:`~lata_peft.dora.dora_delta`, not ``delta``. ``exact``, on a combined module whose
+    factors are a truncation of a dense merge, gives the exact delta from the base weight ``W``
+    (a fold adds that, not the factors).
     """
 
     name: str
@@ -54,6 +61,25 @@ class LoraModule:
     a_shape: tuple[int, ...] = ()
     b_shape: tuple[int, ...] = ()
     bias: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+    exact: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def needs_base(self) -> bool:
+        """True when the task vector depends on the base weight (DoRA, or an exact dense merge)."""
+        return self.magnitude is not None or self.exact is not None
+
+    def task_vector(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact dense (fp32, weight-space) delta: ``exact(W)``, DoRA's ``m (W + sBA) / ||W + sBA|| - W``
+        or ``s B A``; ``weight`` is the base weight ``W``, needed when :attr:`needs_base`."""
+        if not self.needs_base:
+            return self.delta.dense()
+        if weight is None:
+            raise LataError(f"module {_name(self.name)}: its task vector needs the base weight (pass --base BASE)")
+        if self.exact is not None:
+            return self.exact(weight)
+        assert self.magnitude is not None
+        return dora_delta(weight, self.delta, self.magnitude, self.kind, _name(self.name))
 
 
 @dataclass
@@ -231,8 +257,6 @@ def _pair_factors(tensors: dict[str, torch.Tensor], source: Path) -> tuple[dict[
         bare = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
         match = _LORA_KEY.match(bare)
         if match is None:
-            if "lora_magnitude_vector" in key:
-                raise LataError(f"{source}: DoRA magnitude vectors ({_name(key)}) are not supported yet")
             raise LataError(
                 f"{source}: tensor {shorten(key)} is not a LoRA factor, and the config names no "
                 "modules_to_save or bias training that would explain it"
@@ -265,7 +289,7 @@ def split_saved_tensors(
         if bare.endswith(".lora_B.bias") and config.get("lora_bias"):
             lora_biases[bare.removesuffix(".lora_B.bias")] = tensors.pop(key)
             continue
-        if _LORA_KEY.match(bare) or "lora_magnitude_vector" in key:
+        if _LORA_KEY.match(bare) or MAGNITUDE_KEY in key:
             continue
         name = parameter_name(key)
         module = parameter_module(name)
@@ -299,12 +323,45 @@ def _load_module(config: dict[str, Any], name: str, factors: tuple[torch.Tensor,
     return LoraModule(name, LowRank(B_w, A_w, scale), kind, tuple(A.shape), tuple(B.shape))
 
 
+def take_magnitudes(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Take DoRA's ``<module>.lora_magnitude_vector`` tensors out of ``tensors`` (keys as
+    ``adapter_formats.normalize`` leaves them): ``{module: m}``. Refused unless the config sets ``use_dora``."""
+    suffix = f".{MAGNITUDE_KEY}"
+    keys = [key for key in tensors if key.endswith(suffix)]
+    if keys and not config.get("use_dora"):
+        raise LataError(f"{source}: tensor {_name(keys[0])} is a DoRA magnitude vector but {CONFIG_NAME} "
+                        "does not set use_dora")
+    return {key.removeprefix(KEY_PREFIX).removesuffix(suffix): tensors.pop(key) for key in keys}
+
+
+def _attach_magnitudes(config: dict[str, Any], modules: dict[str, LoraModule], magnitudes: dict[str, torch.Tensor],
+                       source: Path) -> None:
+    """Give each DoRA module its magnitude vector (checked: one per output feature); with ``use_dora``
+    every module has one, as PEFT makes them."""
+    for name, magnitude in sorted(magnitudes.items()):
+        module = modules.get(name)
+        if module is None:
+            raise LataError(f"{source}: DoRA magnitude vector of {_name(name)} has no lora_A / lora_B beside it")
+        length = magnitude_length(module.kind, module.delta.shape)
+        if magnitude.numel() != length:
+            raise LataError(f"{source}: DoRA magnitude vector of {_name(name)} has shape {tuple(magnitude.shape)}; "
+                            f"the module has {length} output features")
+        modules[name] = replace(module, magnitude=magnitude.reshape(-1))
+    if config.get("use_dora"):
+        missing = [name for name, module in modules.items() if module.magnitude is None]
+        if missing:
+            raise LataError(f"{source}: DoRA module {_name(missing[0])} has no {MAGNITUDE_KEY} (use_dora is true in "
+                            f"{CONFIG_NAME}; {len(missing)} modules lack one)")
+
+
 def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path,
-                  lora_biases: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
+                  lora_biases: dict[str, torch.Tensor] | None = None,
+                  magnitudes: dict[str, torch.Tensor] | None = None) -> dict[str, LoraModule]:
     """Group ``<module>.lora_A/lora_B`` tensors into :class:`LoraModule` deltas, checking each.
 
     ``config`` is a checked config (:func:`~lata_peft.adapter_config.check_config`);
-    ``lora_biases`` the ``lora_B.bias`` tensors by module (``lora_bias=True``).
+    ``lora_biases`` the ``lora_B.bias`` tensors by module (``lora_bias=True``); ``magnitudes`` DoRA's
+    magnitude vectors by module (:func:`take_magnitudes`).
     """
     pairs, embeddings = _pair_factors(tensors, source)
     norms = factor_norms(tensors)
@@ -326,6 +383,7 @@ def parse_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor], sour
         modules[name] = replace(module, bias=module.delta.scale * bias.float())
     if not modules:
         raise LataError(f"{source}: holds no LoRA tensors")
+    _attach_magnitudes(config, modules, magnitudes or {}, source)
     return modules
 
 
@@ -333,9 +391,9 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     """Load a PEFT LoRA adapter folder (or hub id) as factored weight-space deltas.
 
     Raises :class:`LataError` naming the file for every bad input: missing or corrupt
-    files, non-LoRA types, config values of the wrong type or range, DoRA, NaN/Inf,
+    files, non-LoRA types, config values of the wrong type or range, NaN/Inf,
     non-floating-point weights, pickles without ``allow_pickle``, shapes that disagree
-    with the config.
+    with the config, DoRA magnitude vectors that do not fit their modules (or the config).
     """
     folder = resolve_adapter_path(source)
     raw_config = read_config_json(folder)
@@ -344,10 +402,11 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     config, tensors = check_config(normalized.config, folder / CONFIG_NAME), normalized.tensors
     base_layers = {key: tensors.pop(key) for key in list(tensors) if key.endswith(BASE_LAYER_SUFFIX)}
     full, lora_biases = split_saved_tensors(config, tensors, weights_path)
-    for key, tensor in [*base_layers.items(), *full.values(), *lora_biases.items()]:
+    magnitudes = take_magnitudes(config, tensors, weights_path)
+    for key, tensor in [*base_layers.items(), *full.values(), *lora_biases.items(), *magnitudes.items()]:
         if not bool(torch.isfinite(tensor).all()):
             raise LataError(f"{weights_path}: tensor {_name(key)} has NaN or Inf weights")
-    modules = parse_modules(config, tensors, weights_path, lora_biases)
+    modules = parse_modules(config, tensors, weights_path, lora_biases, magnitudes)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     fingerprint = {CONFIG_NAME: _sha256(folder / CONFIG_NAME), weights_path.name: _sha256(weights_path)}

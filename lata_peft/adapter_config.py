@@ -25,7 +25,6 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 
 # Fields whose presence means the adapter is more than plain LoRA factors.
 _UNSUPPORTED_FLAGS = {
-    "use_dora": "DoRA adapters (use_dora=true) are not supported yet",
     "layer_replication": "layer_replication adapters are not supported",
     "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
 }
@@ -63,7 +62,8 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
 
 
 def _check_plain_lora(config: dict[str, Any], path: Path) -> None:
-    """Refuse non-LoRA types, DoRA and replicated layers; ``modules_to_save`` and ``bias`` well typed."""
+    """Refuse non-LoRA types, replicated layers and DoRA with ``lora_bias``; ``modules_to_save`` and ``bias``
+    well typed. (DoRA itself is read: :mod:`lata_peft.dora`.)"""
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise LataError(f"{path}: peft_type is {shorten(peft_type)}; only LORA adapters can be combined")
@@ -72,6 +72,8 @@ def _check_plain_lora(config: dict[str, Any], path: Path) -> None:
     for key, problem in _UNSUPPORTED_FLAGS.items():
         if config.get(key):
             raise LataError(f"{path}: {problem}")
+    if config.get("use_dora") and config.get("lora_bias"):  # peft/tuners/lora/config.py l.1087-1088
+        raise LataError(f"{path}: use_dora and lora_bias are both true, which PEFT refuses to build")
     modules_to_save = config.get("modules_to_save")
     if modules_to_save is not None and not (
             isinstance(modules_to_save, list) and all(isinstance(m, str) for m in modules_to_save)):

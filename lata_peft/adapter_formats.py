@@ -20,7 +20,8 @@ returns a plain-LoRA config and tensors whose deltas equal the original's as PEF
   rank ``r k``, ``lora_alpha k`` (the same ``alpha / r``).
 * **Old key names**: without the ``base_model.model.`` prefix (transformers' integration), with an
   adapter-name infix (``lora_A.default.weight``), without ``.weight``: renamed to today's
-  ``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for embeddings).
+  ``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for embeddings; DoRA's
+  ``lora_magnitude_vector.default.weight`` to ``base_model.model.<module>.lora_magnitude_vector``).
 * A ``base_model_name_or_path`` naming a 4-bit quantised repo (Unsloth's ``...-bnb-4bit``) adds a
   warning: the task vector is relative to the dequantised weights.
 
@@ -46,6 +47,7 @@ __all__ = ["Normalized", "normalize"]
 KEY_PREFIX = "base_model.model."
 """What PEFT puts before a module name in a saved key (``adapter``, ``writing`` and ``full_weights`` use this one)."""
 _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+_MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, saved without ``.weight`` (``lata_peft.dora``)
 _ADALORA_PARTS = ("lora_A", "lora_B", "lora_E", "lora_embedding_A", "lora_embedding_B")
 _ADALORA_ONLY = (
     "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
@@ -131,8 +133,9 @@ def _split_key(key: str, parts: tuple[str, ...]) -> tuple[str, str, str | None] 
 
 
 def _canonical(module: str, part: str) -> str:
-    """Today's PEFT key: ``base_model.model.<module>.lora_A.weight``; embeddings' factors have no ``.weight``."""
-    suffix = "" if part.startswith("lora_embedding") else ".weight"
+    """Today's PEFT key: ``base_model.model.<module>.lora_A.weight``; embeddings' factors and DoRA's
+    ``lora_magnitude_vector`` have no ``.weight``."""
+    suffix = "" if part.startswith("lora_embedding") or part == _MAGNITUDE else ".weight"
     return f"{KEY_PREFIX}{module}.{part}{suffix}"
 
 
@@ -169,7 +172,7 @@ def _group(
 
 def _canonical_keys(tensors: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """The tensors under today's key names; the same dict when every key already is one."""
-    modules, others = _group(tensors, _LORA_PARTS, source)
+    modules, others = _group(tensors, (*_LORA_PARTS, _MAGNITUDE), source)
     renamed = {key: _canonical(module, part) for module, factors in modules.items() for part, key in factors.items()}
     if all(key == new for key, new in renamed.items()):
         return tensors

@@ -24,12 +24,12 @@ from .emit import emit_adapter, emit_folded
 from .errors import LataError
 from .fold import QuantOptions
 from .full_weights import BaseWeights, combine_full
-from .lowrank import norm
 from .methods import METHODS
 from .models import read_model_config, resolve_model
 from .outputs import prepare_output
 from .progress import Progress
 from .report import adapter_entry, combine_report, header
+from .scoring import module_norm
 from .serving import serve
 from .spec import Spec
 from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
@@ -174,7 +174,7 @@ def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any
     result = InspectResult()
     for label, task in zip(inputs.labels, tasks, strict=True):
         rows = [{"module": name, "layer": inputs.blocks[name], "rank": m.delta.rank, "scale": m.delta.scale,
-                 "norm": norm(m.delta)} for name, m in task.modules.items()]
+                 "norm": module_norm(task, name, inputs.base_weights)} for name, m in task.modules.items()]
         result.adapters[label] = {"path": str(task.path), "base_model": task.base_model,
                                   "layers": table.get(label) or _layer_norms(rows), "modules": rows,
                                   "full_weights": _full_rows(task, inputs.base_weights)}

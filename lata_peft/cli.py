@@ -230,7 +230,7 @@ def _combined_in_memory(model: str, adapters: list[str]) -> Any:
     with tempfile.TemporaryDirectory() as scratch:
         from .api import combine
 
-        combine(adapters, Path(scratch) / "sum")
+        combine(adapters, Path(scratch) / "sum", base=model)
         base = AutoModelForCausalLM.from_pretrained(model)
         return PeftModel.from_pretrained(base, str(Path(scratch) / "sum")).merge_and_unload().eval()
 

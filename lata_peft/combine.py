@@ -4,7 +4,12 @@ Per module ``m``: ``dW_m = sum_t c_{t,m} dW_{t,m}`` where the API computes the
 coefficients (``lambda * w_t``, negated for forgotten adapters, times LATA's layer weight).
 Task arithmetic stays factored (exact concatenation, optionally truncated with its
 exact error); element-wise methods form the dense deltas of this module only, merge,
-and factor back (truncated SVD) with the error reported.
+and factor back (truncated SVD) with the error reported. A module that any input adapts
+with DoRA takes the dense path whatever the method: its task vector
+``m (W + sBA) / ||W + sBA|| - W`` (:mod:`lata_peft.dora`) needs the base weight ``W`` and is not
+low rank; plain LoRA inputs of that module add their dense ``s B A``. The written module is plain
+LoRA (the factor-back error reported); the exact merge stays on it for a fold
+(:attr:`~lata_peft.adapter.LoraModule.exact`).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .adapter import Adapter, LoraModule
 from .errors import LataError
-from .full_weights import FullCombination
+from .full_weights import BaseWeights, FullCombination
 from .layers import block_index
 from .lowrank import LowRank, factorize, serial, truncate, weighted_sum
 from .methods import Method, merge_terms, module_generator
@@ -96,6 +102,14 @@ def _combine_factored(terms: list[tuple[float, LowRank]], policy: RankPolicy) ->
     return result.delta, result.error, result.error / total if total else 0.0
 
 
+def _factor_back(merged: torch.Tensor, ranks: list[int], policy: RankPolicy) -> tuple[LowRank, float, float]:
+    """A dense merged delta as LoRA factors: rank ``sum r_t`` for ``exact``, else the policy's; exact error."""
+    rank = sum(ranks) if policy.mode == "exact" else policy.rank
+    result = factorize(merged, rank=rank, energy=policy.energy)
+    total = float(merged.double().norm())
+    return result.delta, result.error, result.error / total if total else 0.0
+
+
 def _combine_dense(
     terms: list[tuple[float, LowRank]], method: Method, policy: RankPolicy, density: float, seed: int, name: str,
     sign_method: str,
@@ -103,10 +117,36 @@ def _combine_dense(
     dense = [(c, delta.dense()) for c, delta in terms]  # (out, in) each
     merged = merge_terms(dense, method, density, module_generator(seed, name), sign_method)
     del dense
-    rank = sum(delta.rank for _, delta in terms) if policy.mode == "exact" else policy.rank
-    result = factorize(merged, rank=rank, energy=policy.energy)
-    total = float(merged.double().norm())
-    return result.delta, result.error, result.error / total if total else 0.0
+    return _factor_back(merged, [delta.rank for _, delta in terms], policy)
+
+
+def dense_merge(live: list[tuple[float, LoraModule]], method: Method, density: float, seed: int, name: str,
+                sign_method: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``W -> merge(c_t, tau_t(W))``: the exact merged delta of one module from its base weight ``W``,
+    each ``tau_t`` the input's :meth:`~lata_peft.adapter.LoraModule.task_vector` (DoRA's, or ``s B A``)."""
+
+    def merged(weight: torch.Tensor) -> torch.Tensor:
+        terms = [(c, module.task_vector(weight)) for c, module in live]  # (out, in) each, fp32
+        return merge_terms(terms, method, density, module_generator(seed, name), sign_method).float()
+
+    return merged
+
+
+def _combine_with_base(
+    live: list[tuple[float, LoraModule]], holders: list[Path], weight: torch.Tensor | None, method: Method,
+    policy: RankPolicy, options: tuple[float, int, str], name: str,
+) -> tuple[LowRank, float, float, Callable[[torch.Tensor], torch.Tensor]]:
+    """A module some input adapts with DoRA: its exact dense merge from the base ``weight``, factored back."""
+    if weight is None:
+        raise LataError(f"{holders[0]}: DoRA module {name} needs the base model's weights: pass --base BASE")
+    density, seed, sign_method = options
+    exact = dense_merge(live, method, density, seed, name, sign_method)
+    try:
+        merged = exact(weight)
+    except LataError as exc:  # e.g. a zero DoRA norm: name the adapter
+        raise LataError(f"{holders[0]}: {exc}") from None
+    delta, error, relative = _factor_back(merged, [module.delta.rank for _, module in live], policy)
+    return delta, error, relative, exact
 
 
 def _combine_biases(live: list[tuple[float, LoraModule]], method: Method, density: float, seed: int, name: str,
@@ -129,27 +169,41 @@ def combine(
     sign_method: str = "total",
     blocks: Mapping[str, int | None] | None = None,
     on_module: Callable[[str], None] | None = None,
+    base: BaseWeights | None = None,
+    keep_exact: bool = False,
 ) -> Combination:
     """Combine every module adapted by any input into one factored module.
 
     ``coefficient(t, module)`` is the signed weight of adapter ``t`` on ``module``; terms
     with weight 0 are skipped, and a module whose terms are all 0 is not written.
-    ``blocks`` maps each module to its block (for the report).
+    ``blocks`` maps each module to its block (for the report). ``base`` reads the base weight of
+    the modules whose task vector needs it (DoRA); ``keep_exact`` keeps their exact merge on the
+    written module for a fold.
     """
-    with serial() if method.factored else nullcontext():
-        modules: dict[str, LoraModule] = {}
-        reports: list[ModuleReport] = []
-        for name, inputs in _by_module(adapters).items():
+    grouped = _by_module(adapters)
+    with_base = {name for name, inputs in grouped.items() if any(m.needs_base for _, m in inputs)}
+    modules: dict[str, LoraModule] = {}
+    reports: list[ModuleReport] = []
+    with serial() if method.factored and not with_base else nullcontext():
+        for name, inputs in grouped.items():
             live = [(c, module) for index, module in inputs if (c := coefficient(index, name)) != 0.0]
             terms = [(c, module.delta) for c, module in live]
             if terms:
-                if method.factored:
-                    delta, error, relative = _combine_factored(terms, policy)
+                exact = None
+                if name in with_base:
+                    holders = [adapters[index].path for index, module in inputs if module.needs_base]
+                    weight = base.module_weight(name, inputs[0][1].delta.shape) if base is not None else None
+                    delta, error, relative, exact = _combine_with_base(
+                        live, holders, weight, method, policy, (density, seed, sign_method), name)
+                elif method.factored:
+                    with serial() if with_base else nullcontext():  # the run as a whole could not be serial
+                        delta, error, relative = _combine_factored(terms, policy)
                 else:
                     delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
                 template = inputs[0][1]
                 bias = _combine_biases(live, method, density, seed, name, sign_method)
-                modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape, bias)
+                modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape, bias,
+                                           exact=exact if keep_exact else None)
                 block = blocks.get(name) if blocks is not None else block_index(name)
                 reports.append(ModuleReport(name, block, [d.rank for _, d in terms], [c for c, _ in terms],
                                             delta.rank, error, relative))

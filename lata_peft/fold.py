@@ -3,7 +3,8 @@
 The base's safetensors are read one tensor at a time and written in output shards, so
 peak memory is one output shard plus one full-precision weight (never the whole
 full-precision model). For each adapted weight ``W <- W + dW`` (``dW`` formed from its
-factors for that one module, in fp32). With ``four_bit`` every weight that transformers
+factors for that one module, in fp32; a DoRA module's exact ``m (W + sBA) / ||W + sBA|| - W`` from
+the very ``W`` folded into, as PEFT's ``merge_and_unload``). With ``four_bit`` every weight that transformers
 would quantise is quantised once with bitsandbytes NF4 (``quantize_4bit``) and stored
 in transformers' pre-quantised layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
 ``weight.quant_state.bitsandbytes__nf4``, ...), with ``quantization_config`` in
@@ -160,12 +161,24 @@ def check_disk_space(base: Path, out: Path, four_bit: bool) -> None:
 
 
 def fold_weight(weight: torch.Tensor, module: LoraModule, key: str, base: Path) -> torch.Tensor:
-    """``W + dW`` in fp32 on ``weight``'s device (pure: ``weight`` is not changed)."""
+    """``W + dW`` in fp32 on ``weight``'s device (pure: ``weight`` is not changed).
+
+    ``dW`` is ``s B A``, or, for a module whose task vector needs the base weight, its exact
+    :meth:`~lata_peft.adapter.LoraModule.task_vector` from this ``W`` (DoRA's
+    ``m (W + sBA) / ||W + sBA|| - W``, or a combination's exact dense merge), computed on the CPU.
+    """
     delta = module.delta
     if weight.shape[0] != delta.shape[0] or weight.numel() != delta.shape[0] * delta.shape[1]:
         raise LataError(f"{base}: {key} has shape {tuple(weight.shape)} but the adapter's delta is "
                         f"{delta.shape}: the adapter is not for this base model")
-    return weight.to(weight.device, torch.float32) + delta.dense().reshape(weight.shape).to(weight.device)
+    if module.needs_base:
+        try:
+            change = module.task_vector(weight.detach().to("cpu", torch.float32).reshape(delta.shape))
+        except LataError as exc:  # e.g. a zero DoRA norm: say which base weight
+            raise LataError(f"{base}: {key}: {exc}") from None
+    else:
+        change = delta.dense()
+    return weight.to(weight.device, torch.float32) + change.reshape(weight.shape).to(weight.device)
 
 
 def fold_modules(

@@ -87,6 +87,20 @@ class BaseWeights:
         key = self.key_for(name)
         return self._files[key].get_tensor(key) if key is not None else None
 
+    def module_weight(self, module: str, shape: tuple[int, int]) -> torch.Tensor:
+        """The base weight ``<module>.weight`` of a LoRA module, in its weight-space ``shape`` (see
+        :mod:`lata_peft.adapter`); a missing, quantised or differently shaped weight is one :class:`LataError`."""
+        name = f"{module}.weight"
+        key = self.key_for(name)
+        if key is None:
+            raise LataError(f"{self.folder}: has no weight {name} (the adapter's module {module} needs it)")
+        tensor = self._files[key].get_tensor(key)
+        if not tensor.is_floating_point() or tensor.shape[0] != shape[0] or tensor.numel() != shape[0] * shape[1]:
+            kind = str(tensor.dtype).removeprefix("torch.")
+            raise LataError(f"{self.folder}: {name} is {kind} {tuple(tensor.shape)} but the adapter's module is "
+                            f"{shape}: pass the full-precision base model the adapter was trained on (--base BASE)")
+        return tensor.reshape(shape)
+
 
 @dataclass
 class FullCombination:

@@ -23,8 +23,8 @@ into ``lora_b``: ``lora_b = B * s_m * r_m / alpha`` with ``alpha`` = the largest
 ``alpha / r_m * lora_b @ lora_a = s_m * B @ A`` exactly (up to float32 rounding) for every module,
 with no padding. Adapters the converter already handles are written unchanged (bit-identical to it).
 
-Refused (one :class:`LataError` line, nothing written): what ``load_adapter`` refuses (DoRA,
-``modules_to_save``, bias terms, ...); architectures not in :data:`ARCHITECTURES`; fan-in-fan-out
+Refused (one :class:`LataError` line, nothing written): what ``load_adapter`` refuses; DoRA (llama.cpp has
+no magnitude vector), ``modules_to_save``, bias terms; architectures not in :data:`ARCHITECTURES`; fan-in-fan-out
 (``Conv1D``) and convolution LoRA; modules with no GGUF tensor; factor shapes that differ from the base's
 weights; saved embedding weights of another shape than the base's (the converter drops them, which is
 right only for the base's own); an embedding or ``lm_head`` LoRA on a base with tied embeddings: llama.cpp
@@ -330,6 +330,13 @@ def export_gguf(adapter: PathLike, out: PathLike, base: PathLike | None = None, 
     gguf = _gguf()
     target = _check_out(Path(out), overwrite)
     loaded = load_adapter(adapter)
+    if any(module.needs_base for module in loaded.modules.values()):
+        raise LataError(f"{loaded.path}: a DoRA adapter (use_dora); llama.cpp's LoRA format has no magnitude "
+                        "vector: fold it (lata-peft fold), or combine it with --base BASE into plain LoRA first")
+    if loaded.full or any(module.bias is not None for module in loaded.modules.values()):
+        what = sorted(loaded.full)[0] if loaded.full else "a LoRA bias (lora_bias)"
+        raise LataError(f"{loaded.path}: holds {shorten(what)}, a trained weight beside the LoRA factors, which "
+                        "llama.cpp's LoRA format can't carry: fold it into the base (lata-peft fold) instead")
     alora = _alora_tokens(loaded)
     base_path = _resolve_base(loaded, base)
     shapes = _base_shapes(base_path)

@@ -32,7 +32,7 @@ from .specs import CombineSpec, ScoringSpec
 from .validate import check_compatible
 from .weighting import LayerWeights, weigh
 
-__all__ = ["Inputs", "assemble", "check", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
+__all__ = ["Inputs", "assemble", "check", "is_dora", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
 
 Instruction = Adapter | DenseInstruction
 
@@ -90,9 +90,14 @@ def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[
              layer_regex: str | None, base: Path | None = None, target: Path | None = None,
              base_model: Path | None = None) -> Inputs:
     """``Inputs`` for loaded adapters: labels, the block of every module (instruction's too), once,
-    and the base model's weights (``base_model``, else the fold's ``base``) for full trained parameters."""
+    and the base model's weights (``base_model``, else the fold's ``base``) for full trained parameters
+    and DoRA modules; a DoRA input without either is refused."""
     base_model = base_model or base
     scored = [*tasks, *([instruction] if isinstance(instruction, Adapter) else [])]
+    dora = [adapter for adapter in scored if is_dora(adapter)]
+    if dora and base_model is None:
+        raise LataError(f"{dora[0].path}: a DoRA adapter (use_dora): its task vector m (W + sBA) / ||W + sBA|| - W "
+                        "needs the base model's weights W; pass --base BASE")
     blocks: dict[str, int | None] = {}
     for adapter in scored:
         try:
@@ -100,9 +105,14 @@ def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[
         except LataError as exc:  # name the adapter whose module has no block index
             raise LataError(f"{adapter.path}: {exc}") from None
     blocks = dict(sorted(blocks.items()))
-    holds_full = any(adapter.full for adapter in tasks)
-    base_weights = BaseWeights(base_model) if base_model is not None and holds_full else None
+    needs_base = any(adapter.full for adapter in scored) or bool(dora)
+    base_weights = BaseWeights(base_model) if base_model is not None and needs_base else None
     return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target, base_weights)
+
+
+def is_dora(adapter: Adapter) -> bool:
+    """True when any module of ``adapter`` is DoRA (its task vector needs the base weights)."""
+    return any(module.magnitude is not None for module in adapter.modules.values())
 
 
 def load(spec: CombineSpec) -> Inputs:
@@ -130,7 +140,7 @@ def check(inputs: Inputs, strict: bool = False) -> None:
 def score(inputs: Inputs, granularity: str) -> dict[str, list[LayerScore]]:
     """Per input label: the cosine of each unit (block or module) with the instruction vector."""
     assert inputs.instruction is not None, "the spec requires an instruction vector for LATA"
-    return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks)
+    return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks, base=inputs.base_weights)
             for label, task in zip(inputs.labels, inputs.tasks, strict=True)}
 
 
@@ -155,6 +165,7 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
         inputs.tasks, coefficient, merge_method, spec.rank_policy, density=spec.density, seed=spec.seed,
         sign_method=spec.sign_method, blocks=inputs.blocks,
         on_module=(lambda _: progress.advance()) if progress is not None else None,
+        base=inputs.base_weights, keep_exact=inputs.base is not None,
     )
     combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient, merge_method,
                                     inputs.base_weights, spec.density, spec.seed, spec.sign_method)

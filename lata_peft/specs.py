@@ -47,7 +47,8 @@ class ScoringSpec(Spec):
     granularity: str = option("block", "Score per block or per module.")
     layer_regex: str | None = option(None, "Regex with one capture group, the block index (unknown architectures).")
     base: str | None = option(None, "Base model folder (or hub id), read tensor by tensor: full trained weights "
-                                    "(modules_to_save, biases) become task vectors saved - base.", path=True)
+                                    "(modules_to_save, biases) become task vectors saved - base, DoRA modules "
+                                    "m (W + sBA) / ||W + sBA|| - W; both count in LATA's scores.", path=True)
 
     @property
     def weighting(self) -> LayerWeighting:

@@ -161,7 +161,6 @@ class Case:
 
 
 # Expected outcomes: what lata-peft does today. A feature name marks the case xfail (strict) in the tests.
-DORA = "DoRA (use_dora=true)"
 IMPLIED_HEADS = "SEQ_CLS heads saved with modules_to_save null (PEFT adds classifier/score by task_type)"
 NESTED_HEAD = "modules_to_save of a nested head (RoBERTa classifier.dense / classifier.out_proj)"
 DOTTED_TARGETS = "dotted target_modules (attn.c_proj): the output's suffix list widens to mlp.c_proj"
@@ -180,7 +179,8 @@ _CASES: tuple[Case, ...] = (
     Case("mkeoliya__axolotl__lora-out", "llama", "ok", "axolotl, OpenLLaMA; fan_in_fan_out: null"),
     Case("huggingface__peft__lora__llama-3.2-3B-rank64-rslora", "llama", "ok",
          "use_rslora; target_modules null (PEFT's default for llama); base null"),
-    Case("huggingface__peft__lora__llama-3.2-3B-rank32-dora", "llama", DORA, "use_dora; target_modules null"),
+    Case("huggingface__peft__lora__llama-3.2-3B-rank32-dora", "llama", "ok",
+         "DoRA (use_dora; combined densely against --base); target_modules null"),
     Case("huggingface__peft__adalora__llama-3.2-3B-rank32", "llama", "ok",
          "AdaLoRA (lora_E; init_r 64, target_r 32, rank_pattern null, target_modules null)"),
     # --- Mistral, Qwen2 / Qwen3, Gemma 2 / 3, Phi-2 / Phi-3

@@ -66,16 +66,17 @@ def test_real_config_combines_like_peft(case: Case, tmp_path: Path) -> None:
     base_model = tiny_model(case)
     base = base_model.state_dict()
 
-    shown = api.inspect([str(a)]).adapters
+    options = {}
+    if CAN_PASS_BASE:  # full trained weights (heads) are task vectors saved - base; DoRA's needs W too
+        base_model.save_pretrained(tmp_path / "base")
+        options["base"] = str(tmp_path / "base")
+
+    shown = api.inspect([str(a)], **options).adapters
     (entry,) = shown.values()
     assert entry["base_model"] == case.real_config().get("base_model_name_or_path")
     assert {row["module"] for row in entry["modules"]} == _lora_modules(a)
     assert all(row["norm"] > 0 for row in entry["modules"])
 
-    options = {}
-    if CAN_PASS_BASE:  # full trained weights (classifier heads) combine as task vectors saved - base
-        base_model.save_pretrained(tmp_path / "base")
-        options["base"] = str(tmp_path / "base")
     out = tmp_path / "out"
     api.combine(adapters=(str(a), str(b)), out=str(out), method="ta", **options)
 

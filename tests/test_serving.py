@@ -270,3 +270,17 @@ def test_export_never_replaces_an_input_or_a_file_that_is_not_gguf(tmp_path: Pat
         assert result.exit_code == 2 and result.output.startswith("error:"), result.output
         assert len(result.output.strip().splitlines()) == 1
     assert {p.name: sha256(p) for p in folder.iterdir()} == before and notes.read_text() == "mine"
+
+
+def test_export_refuses_trained_weights_it_cannot_carry(tmp_path: Path) -> None:
+    """A SEQ_CLS head (modules_to_save) or a lora_bias would be dropped from the GGUF: refused, nothing written."""
+    from test_full_weights import llama_cls, make_adapter, save_base
+
+    save_base(llama_cls, tmp_path / "base")
+    for name, extra in (("head", {"task_type": "SEQ_CLS"}), ("biased", {"lora_bias": True})):
+        adapter = make_adapter(llama_cls, tmp_path / "base", tmp_path / name, 1, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj"], **extra)
+        out = tmp_path / f"{name}.gguf"
+        result = runner.invoke(app, ["export", str(adapter), "--gguf", str(out), "--base", str(tmp_path / "base")])
+        assert result.exit_code == 2 and "lata-peft fold" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
