@@ -89,12 +89,14 @@ def output_config(adapters: list[Adapter], modules: dict[str, LoraModule],
     and ``bias`` are the inputs' (for the ``full`` tensors written), ``lora_bias`` true when a
     bias delta is written, ``fan_in_fan_out`` true for GPT-2 ``Conv1D`` modules, ``task_type``
     the inputs' common one (else none).
-    """
-    from peft import LoraConfig
 
+    Only the keys PEFT needs (``peft/tuners/lora/config.py``; the rest take PEFT's defaults) and none
+    that depend on the installed PEFT version, so the file is the same wherever it is written, older
+    PEFT versions load it, and writing it does not import peft.
+    """
     ranks = {name: module.delta.rank for name, module in modules.items()}
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {name: rank for name, rank in ranks.items() if rank != common}
+    pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != common}
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in modules})
     inputs_cover = {name for a in adapters for name in a.modules} == set(modules)
     by_suffix = all(_targets_by_suffix(a) and a.config.get("layers_to_transform") is None for a in adapters)
@@ -107,23 +109,30 @@ def output_config(adapters: list[Adapter], modules: dict[str, LoraModule],
                     if (entry := saves(parameter_module(name), saved_modules(a.config))) is not None})
     bias_modes = [a.config.get("bias", "none") for a in adapters]
     bias = "all" if "all" in bias_modes else "lora_only" if "lora_only" in bias_modes else "none"
-    config = LoraConfig(
-        r=common,
-        lora_alpha=common,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        target_modules=target_modules,
-        fan_in_fan_out=any(m.kind == "linear_t" for m in modules.values()),
-        lora_dropout=0.0,
-        bias=bias,
-        lora_bias=any(m.bias is not None for m in modules.values()),
-        modules_to_save=saved or None,
-        use_rslora=False,
-        task_type=task_types.pop() if len(task_types) == 1 else None,
-        inference_mode=True,
-    )
-    config.base_model_name_or_path = adapters[0].base_model
-    return _json_ready(config.to_dict())
+    config: dict[str, Any] = {
+        "alpha_pattern": dict(pattern),
+        "base_model_name_or_path": adapters[0].base_model,
+        "bias": bias,
+        "fan_in_fan_out": any(m.kind == "linear_t" for m in modules.values()),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": common,
+        "lora_dropout": 0.0,
+        "modules_to_save": saved or None,
+        "peft_type": "LORA",
+        "r": common,
+        "rank_pattern": pattern,
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": task_types.pop() if len(task_types) == 1 else None,
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    if any(m.bias is not None for m in modules.values()):
+        config["lora_bias"] = True  # PEFT >= 0.14; left out otherwise, so older PEFT versions load the file
+    return config
 
 
 def _targets_by_suffix(adapter: Adapter) -> bool:
@@ -131,14 +140,3 @@ def _targets_by_suffix(adapter: Adapter) -> bool:
     dotted like ``attn.c_proj``, which a suffix list would widen to ``mlp.c_proj``)."""
     targets = adapter.config.get("target_modules")
     return isinstance(targets, list) and all("." not in target for target in targets)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        items = [_json_ready(v) for v in value]
-        return sorted(items) if isinstance(value, set) else items
-    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
-        return value.value  # enums such as TaskType / PeftType
-    return value
