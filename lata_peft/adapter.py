@@ -30,6 +30,7 @@ from .adapter_config import DEFAULT_ALPHA, DEFAULT_R, check_config
 from .adapter_formats import KEY_PREFIX, normalize
 from .adapter_weights import check_factor_values, check_floating, factor_norms, read_pickle, read_safetensors
 from .dora import MAGNITUDE_KEY, dora_delta, magnitude_length
+from .dtypes import all_finite
 from .errors import LataError, first_line, shorten
 from .full_weights import parameter_module, parameter_name, saved_modules, saves
 from .hub import is_hub_id, snapshot
@@ -404,7 +405,7 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     full, lora_biases = split_saved_tensors(config, tensors, weights_path)
     magnitudes = take_magnitudes(config, tensors, weights_path)
     for key, tensor in [*base_layers.items(), *full.values(), *lora_biases.items(), *magnitudes.items()]:
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise LataError(f"{weights_path}: tensor {_name(key)} has NaN or Inf weights")
     modules = parse_modules(config, tensors, weights_path, lora_biases, magnitudes)
     dtypes = {t.dtype for t in tensors.values()}

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import CONFIG_NAME, KEY_PREFIX, SAFETENSORS_NAME, Adapter, LoraModule, peft_tensors
+from .dtypes import all_finite
 from .errors import LataError
 from .full_weights import parameter_module, parameter_name, saved_modules, saves
 
@@ -70,7 +71,7 @@ def save_adapter_files(
 def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
     """Refuse to write NaN or Inf: the last guard against a combination that overflowed its dtype."""
     for key, tensor in tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise LataError(
                 f"refusing to write non-finite values: {key.removeprefix(KEY_PREFIX)} "
                 f"(the combination overflows {str(tensor.dtype).removeprefix('torch.')})"

@@ -117,3 +117,33 @@ def test_randomised_factorize_is_near_optimal_and_reports_its_true_error():
     assert best <= residual <= 1.02 * best
     again = factorize(dense, rank=10)
     assert torch.equal(again.delta.B, result.delta.B)  # deterministic
+
+
+@pytest.mark.parametrize("case", ["well_conditioned", "duplicated_terms", "wide", "ill_conditioned"])
+def test_truncation_equals_dense_svd_on_every_qr_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cholesky-QR where the factors are well conditioned (no Householder QR called), Householder where they
+    are rank deficient (the same adapter twice), wide (r > out) or ill-conditioned; the truncation always
+    equals the best rank-k approximation from a dense float64 SVD, and its error is the tail."""
+    generator = torch.Generator().manual_seed(7)
+    B = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    A = torch.randn(6, 30, generator=generator, dtype=torch.float64)
+    if case == "duplicated_terms":
+        x = weighted_sum([(1.0, LowRank(B, A)), (0.5, LowRank(B, A))])
+    elif case == "wide":
+        x = LowRank(B[:4], A)  # rank 6 on a 4 x 30 delta
+    elif case == "ill_conditioned":
+        x = LowRank(B * torch.logspace(0, -7, 6, dtype=torch.float64), A)
+    else:
+        x = LowRank(B, A, 2.0)
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(1) or qr(*a, **k))
+    k = 3
+    result = truncate(x, rank=k)
+    assert (not calls) == (case == "well_conditioned")
+    dense = x.scale * x.B.double() @ x.A.double()
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    best = (U[:, :k] * S[:k]) @ Vh[:k]
+    ours = result.delta.B.double() @ result.delta.A.double()
+    assert float((ours - best).norm()) <= 1e-6 * float(best.norm())
+    assert result.error == pytest.approx(float(S[k:].square().sum().sqrt()), rel=1e-6, abs=1e-9)
