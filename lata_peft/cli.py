@@ -22,7 +22,8 @@ from typing import Annotated, Any, TypeVar, get_args, get_origin, get_type_hints
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from . import render
 from .errors import LataError
@@ -46,16 +47,25 @@ class RichProgress:
 
     def __init__(self, enabled: bool) -> None:
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err_console, transient=True, disable=not enabled,
+            TextColumn("{task.description}"), BarColumn(), _AmountColumn(), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=err_console, transient=True, disable=not enabled,
         )
         self.task: Any = None
 
-    def start(self, total: int, description: str) -> None:
-        self.task = self.bar.add_task(description, total=total)
+    def start(self, total: int, description: str, unit: str = "") -> None:
+        self.task = self.bar.add_task(description, total=total, unit=unit)
 
-    def advance(self) -> None:
-        self.bar.advance(self.task)
+    def advance(self, amount: int = 1) -> None:
+        self.bar.advance(self.task, amount)
+
+
+class _AmountColumn(ProgressColumn):
+    """``12/30`` for counted items, ``1.2/16.0 GB`` for bytes."""
+
+    def render(self, task: Any) -> Text:
+        if task.fields.get("unit") == "bytes":
+            return Text(f"{task.completed / 1e9:.1f}/{(task.total or 0) / 1e9:.1f} GB", style="progress.download")
+        return Text(f"{int(task.completed)}/{int(task.total or 0)}", style="progress.download")
 
 
 def _guarded(call: Callable[[], T]) -> T:

@@ -204,12 +204,13 @@ def fold_modules(
     result = FoldResult(folder, four_bit, 0, 0)
     files = [TensorFile(path) for path in weight_files(base)]
     if progress is not None:
-        progress.start(sum(len(f.keys) for f in files), "folding" + (" into 4-bit" if four_bit else ""))
+        total = sum(sum(f.nbytes.values()) for f in files)
+        progress.start(total, "folding" + (" into 4-bit" if four_bit else ""), unit="bytes")
     seen: set[str] = set()
     device = default_device()
     for key, handle in iter_tensors(files):
         if progress is not None:
-            progress.advance()
+            progress.advance(handle.nbytes[key])
         if any(key.endswith(f".weight.{part}") for part in QUANT_STATE_PARTS):
             continue  # read together with its packed weight
         _fold_tensor(key, handle, targets, dense, nf4, writer, result, base, device)

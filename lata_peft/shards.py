@@ -36,12 +36,25 @@ class TensorFile:
         try:
             with safe_open(path, framework="pt") as handle:
                 self.keys = set(handle.keys())
+                self.nbytes = {key: _nbytes(handle.get_slice(key)) for key in self.keys}
         except (SafetensorError, OSError) as exc:
             raise LataError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
 
     def get_tensor(self, key: str) -> torch.Tensor:
         with safe_open(self.path, framework="pt") as handle:
             return handle.get_tensor(key).clone()
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _nbytes(tensor_slice: object) -> int:
+    """Bytes of one stored tensor, from its header (shape and dtype; nothing is read)."""
+    count = 1
+    for size in tensor_slice.get_shape():  # type: ignore[attr-defined]
+        count *= size
+    return count * _DTYPE_BYTES.get(tensor_slice.get_dtype(), 1)  # type: ignore[attr-defined]
 
 
 def iter_tensors(files: list[TensorFile]) -> Iterator[tuple[str, TensorFile]]:

@@ -209,3 +209,25 @@ def test_four_bit_needs_a_base(tmp_path, adapters):
 
 def test_tiny_model_helper_is_deterministic():
     assert torch.equal(tiny_llama().lm_head.weight, tiny_llama().lm_head.weight)
+
+
+def test_fold_progress_counts_the_bytes_of_the_base(tmp_path, adapters, sharded_base):
+    """The fold's progress total is the base's tensor bytes (summed here from the loaded tensors), and the
+    advances add up to it, so the bar's ETA is in bytes read, not in tensors of very different sizes."""
+    from safetensors.torch import load_file
+
+    class Recorder:
+        def __init__(self):
+            self.starts, self.done = [], 0
+
+        def start(self, total, description, unit=""):
+            self.starts.append((total, unit))
+
+        def advance(self, amount=1):
+            self.done += amount
+
+    recorder = Recorder()
+    fold(str(adapters["plain"]), str(sharded_base), str(tmp_path / "folded"), progress=recorder)
+    expected = sum(t.numel() * t.element_size() for path in sorted(sharded_base.glob("model*.safetensors"))
+                   for t in load_file(path).values())
+    assert recorder.starts == [(expected, "bytes")] and recorder.done == expected
