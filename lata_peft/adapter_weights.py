@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import LataError, first_line, shorten
+from .lowrank import serial
 
 __all__ = [
     "FLOAT_DTYPES", "check_factor_values", "check_floating", "factor_norms", "read_pickle", "read_safetensors",
@@ -131,10 +132,11 @@ def factor_norms(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 
     A NaN or Inf anywhere makes its tensor's norm non-finite, so this is also the finiteness check.
     """
-    norms = [
-        torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
-        for t in tensors.values()
-    ]
+    with serial():  # two threads make each small reduction ~200x slower here (8 ms vs 0.04 ms on 2 cores)
+        norms = [
+            torch.linalg.vector_norm(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+            for t in tensors.values()
+        ]
     return dict(zip(tensors, torch.stack(norms).tolist(), strict=True)) if norms else {}
 
 

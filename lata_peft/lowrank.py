@@ -149,11 +149,12 @@ GRAM_MIN_RCOND = 1e-10
 the ``R`` of ``M = Q R`` (cond(M) < 1e5: Cholesky-QR loses about ``eps * cond(M)^2``, under 1e-6 in fp64)."""
 
 
-def _thin_qr(M: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+def _thin_qr(M: torch.Tensor, M32: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``M = Q R`` for a narrow fp64 ``M`` (n, r): ``R`` and the map ``X -> Q X`` (``Q`` is not formed).
 
     Cholesky-QR (Fukaya et al. 2014): ``R = chol(M^T M)^T`` and ``Q X = M (R^-1 X)``, matrix-matrix
-    products instead of Householder's column-by-column sweep. Householder QR (``Q`` formed) when ``M`` is
+    products instead of Householder's column-by-column sweep; the last, big product is taken in float32
+    with ``M32`` (``M`` in float32), as the factors are written. Householder QR (``Q`` formed) when ``M`` is
     wide (n < r), ill-conditioned (cond > 1e5, see :data:`GRAM_MIN_RCOND`) or rank deficient.
     """
     if M.shape[0] >= M.shape[1]:
@@ -163,7 +164,7 @@ def _thin_qr(M: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], to
             L, info = torch.linalg.cholesky_ex(gram)
             if int(info) == 0:
                 R = L.T
-                return R, lambda X: M @ torch.linalg.solve_triangular(R, X, upper=True)
+                return R, lambda X: M32 @ torch.linalg.solve_triangular(R, X, upper=True).to(M32.dtype)
     Q, R = torch.linalg.qr(M)
     return R, lambda X: Q @ X
 
@@ -172,8 +173,9 @@ def _core_svd(x: LowRank) -> tuple[Callable[[torch.Tensor], torch.Tensor], Calla
                                    torch.Tensor, torch.Tensor, torch.Tensor]:
     """``B = Q_b R_b``, ``A^T = Q_a R_a``, ``R_b R_a^T = U S V^T`` (all fp64): the maps ``X -> Q_b X`` and
     ``X -> Q_a X``, and ``U``, ``S``, ``V^T``."""
-    B, A = x.B.to(torch.float64) * x.scale, x.A.to(torch.float64)
-    (R_b, Q_b), (R_a, Q_a) = _thin_qr(B), _thin_qr(A.T)
+    B32, A32 = x.balanced()
+    B, A = B32.to(torch.float64), A32.to(torch.float64)
+    (R_b, Q_b), (R_a, Q_a) = _thin_qr(B, B32), _thin_qr(A.T, A32.T)
     U, S, Vh = torch.linalg.svd(R_b @ R_a.T, full_matrices=False)
     return Q_b, Q_a, U, S, Vh
 
