@@ -10,11 +10,12 @@ in PEFT's file layout (77 MB each). Then, in one run, times as subprocesses (bes
 * ``exact``: ``lata-peft combine A B C -o OUT`` (rank 48, lossless);
 * ``rank16``: ``lata-peft combine A B C --rank 16 -o OUT``;
 * ``lata``: ``lata-peft combine A B C --method lata --instruction I --rank 16 -o OUT``;
+* ``ties``: ``lata-peft combine A B C --method ties --rank 16 -o OUT`` (core space, the default);
 
-and prints each time and its ratio to the floor. The rank-16 combination (written again in float32 for
-this, untimed) is checked against an independent reference on ``--check`` modules: the best rank-16
-approximation of the dense weighted sum (``torch.linalg.svd`` in float64, Eckart-Young), which the
-result must equal to 1e-5 relative.
+and prints each time, its ratio to the floor and the process's peak RSS. The rank-16 combination
+(written again in float32 for this, untimed) is checked against an independent reference on
+``--check`` modules: the best rank-16 approximation of the dense weighted sum (``torch.linalg.svd``
+in float64, Eckart-Young), which the result must equal to 1e-5 relative.
 
 Run (repository root, venv active)::
 
@@ -82,13 +83,19 @@ save_file({"x": torch.zeros(numel, dtype=torch.bfloat16)}, out)
 """
 
 
-def timed(command: list[str], repeats: int) -> float:
+PEAK = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); " \
+       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+
+
+def timed(command: list[str], repeats: int) -> tuple[float, float]:
+    """Best wall time of ``repeats`` runs, and the command's peak RSS in MiB (one more run, in a wrapper)."""
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         best = min(best, time.perf_counter() - started)
-    return best
+    peak = subprocess.run([sys.executable, "-c", PEAK, *command], check=True, capture_output=True, text=True)
+    return best, int(peak.stdout.split()[-1]) / 1024
 
 
 def check_rank16(folders: dict[str, Path], out: Path, count: int) -> float:
@@ -129,15 +136,18 @@ def main() -> None:
         "rank16": [*cli, "combine", *abc, "--rank", "16", "-o", str(outputs / "rank16"), "--overwrite"],
         "lata": [*cli, "combine", *abc, "--method", "lata", "--instruction", str(folders["instruct"]), "--rank", "16",
                  "-o", str(outputs / "lata"), "--overwrite"],
+        "ties": [*cli, "combine", *abc, "--method", "ties", "--rank", "16", "-o", str(outputs / "ties"),
+                 "--overwrite"],  # core space, the default; full space takes ~10 s per module (core_space.py)
     }
     subprocess.run(runs["rank16"], check=True, stdout=subprocess.DEVNULL)  # warm the page cache, make the size known
     written = load_file(outputs / "rank16" / "adapter_model.safetensors")
     numel = sum(t.numel() for t in written.values())
     floor = [sys.executable, "-c", FLOOR, *(str(folders[n] / "adapter_model.safetensors") for n in ("a", "b", "c")),
              str(outputs / "floor.safetensors"), str(numel)]
-    times = {"floor": timed(floor, args.repeats)}
+    measured = {"floor": timed(floor, args.repeats)}
     for name, command in runs.items():
-        times[name] = timed(command, args.repeats)
+        measured[name] = timed(command, args.repeats)
+    times = {name: seconds for name, (seconds, _) in measured.items()}
     check = [*runs["rank16"][:-3], "--dtype", "float32", "-o", str(outputs / "rank16_fp32"), "--overwrite"]
     subprocess.run(check, check=True, stdout=subprocess.DEVNULL)  # not timed: float32 factors for the check
     error = check_rank16(folders, outputs / "rank16_fp32", args.check)
@@ -146,13 +156,14 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
     print(f"inputs: 3 x {size / 3 / 1e6:.0f} MB ({args.blocks} blocks x 7 modules, hidden {args.hidden}, r=16, bf16); "
           f"rank-16 output {numel * 2 / 1e6:.0f} MB; best of {args.repeats}")
-    print(f"{'run':<8} {'seconds':>8} {'x floor':>8}")
-    for name, seconds in times.items():
-        print(f"{name:<8} {seconds:8.2f} {seconds / times['floor']:8.2f}")
+    print(f"{'run':<8} {'seconds':>8} {'x floor':>8} {'peak MiB':>9}")
+    for name, (seconds, peak) in measured.items():
+        print(f"{name:<8} {seconds:8.2f} {seconds / times['floor']:8.2f} {peak:9.0f}")
     print(f"rank-16 result vs float64 SVD of the dense sum ({args.check} modules): max relative difference "
           f"{error:.2e}")
     if args.json:
-        args.json.write_text(json.dumps({"times": times, "rank16_vs_svd": error, "hidden": args.hidden,
+        args.json.write_text(json.dumps({"times": times, "peak_mib": {n: p for n, (_, p) in measured.items()},
+                                         "rank16_vs_svd": error, "hidden": args.hidden,
                                          "blocks": args.blocks}, indent=2))
     if error > 1e-5:
         raise SystemExit(f"rank-16 result differs from the SVD reference by {error:.2e} (> 1e-5)")

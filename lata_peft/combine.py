@@ -27,7 +27,7 @@ from .errors import LataError
 from .full_weights import BaseWeights, FullCombination
 from .layers import block_index
 from .lowrank import LowRank, factorize, serial, truncate, weighted_sum
-from .methods import Method, merge_terms, module_generator
+from .methods import Method, merge_terms, module_generator, vector_method
 
 __all__ = ["Combination", "ModuleReport", "RankPolicy", "combine"]
 
@@ -112,8 +112,14 @@ def _factor_back(merged: torch.Tensor, ranks: list[int], policy: RankPolicy) -> 
 
 def _combine_dense(
     terms: list[tuple[float, LowRank]], method: Method, policy: RankPolicy, density: float, seed: int, name: str,
-    sign_method: str,
+    sign_method: str, space: str = "full",
 ) -> tuple[LowRank, float, float]:
+    """An element-wise method on one module: on its core matrices (``space="core"``, exact, Panariello et al.
+    2025, :mod:`lata_peft.core_space`) or on its dense deltas, factored back (``"full"``, as PEFT and mergekit)."""
+    if space == "core":
+        from .core_space import merge_in_core
+
+        return merge_in_core(terms, method, policy, density, seed, name, sign_method)
     dense = [(c, delta.dense()) for c, delta in terms]  # (out, in) each
     merged = merge_terms(dense, method, density, module_generator(seed, name), sign_method)
     del dense
@@ -171,6 +177,7 @@ def combine(
     on_module: Callable[[str], None] | None = None,
     base: BaseWeights | None = None,
     keep_exact: bool = False,
+    space: str = "full",
 ) -> Combination:
     """Combine every module adapted by any input into one factored module.
 
@@ -178,7 +185,7 @@ def combine(
     with weight 0 are skipped, and a module whose terms are all 0 is not written.
     ``blocks`` maps each module to its block (for the report). ``base`` reads the base weight of
     the modules whose task vector needs it (DoRA); ``keep_exact`` keeps their exact merge on the
-    written module for a fold.
+    written module for a fold. ``space``: where element-wise methods merge (``core`` or ``full``).
     """
     grouped = _by_module(adapters)
     with_base = {name for name, inputs in grouped.items() if any(m.needs_base for _, m in inputs)}
@@ -199,9 +206,10 @@ def combine(
                     with serial() if with_base else nullcontext():  # the run as a whole could not be serial
                         delta, error, relative = _combine_factored(terms, policy)
                 else:
-                    delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method)
+                    delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method,
+                                                            space)
                 template = inputs[0][1]
-                bias = _combine_biases(live, method, density, seed, name, sign_method)
+                bias = _combine_biases(live, vector_method(method), density, seed, name, sign_method)
                 modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape, bias,
                                            exact=exact if keep_exact else None)
                 block = blocks.get(name) if blocks is not None else block_index(name)

@@ -16,17 +16,23 @@ direction that is actually applied.
 
 These follow ``peft.utils.merge_utils`` (the tests check agreement on the same tensors),
 with an explicit ``torch.Generator`` so DARE is deterministic.
+
+Subspace methods (:mod:`lata_peft.subspace_methods`, core space only): ``tsv`` (TSV-Merge,
+Gargiulo et al. 2025), ``iso_c`` and ``iso_cts`` (Marczak et al. 2025). A method declares its own
+parameters (:class:`MethodParam`): the CLI's ``--param NAME=VALUE``, the API's and the recipe's
+``params`` and the report all read them from this registry.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "Method", "merge_terms", "module_generator"]
+__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "SPACES", "Method", "MethodParam", "merge_terms",
+           "module_generator", "parse_params", "vector_method"]
 
 DenseMerge = Callable[[torch.Tensor, torch.Tensor, float, torch.Generator, str], torch.Tensor]
 
@@ -84,16 +90,41 @@ def _dare_ties(deltas, weights, density, generator, sign_method):
 
 
 @dataclass(frozen=True)
+class MethodParam:
+    """One parameter a method declares: its name, default (``None``: the method's own rule), help and range."""
+
+    name: str
+    default: float | None
+    help: str
+    low: float = 0.0
+    high: float = float("inf")
+
+
+@dataclass(frozen=True)
 class Method:
-    """A merge method. ``dense is None`` means exact factored task arithmetic."""
+    """A merge method. ``dense is None`` means exact factored task arithmetic. ``params``: the parameters
+    it takes (bound by :meth:`bind`); ``core_only``: it runs in core space only."""
 
     name: str
     dense: DenseMerge | None
     description: str
+    params: tuple[MethodParam, ...] = ()
+    core_only: bool = False
+    make: Callable[..., DenseMerge] | None = None
 
     @property
     def factored(self) -> bool:
         return self.dense is None
+
+    def resolved(self, values: Mapping[str, float]) -> dict[str, float | None]:
+        """Every declared parameter: the given value, else its default."""
+        return {param.name: values.get(param.name, param.default) for param in self.params}
+
+    def bind(self, values: Mapping[str, float]) -> Method:
+        """This method with its parameters set (``make(**params)`` builds the dense rule)."""
+        if self.make is None:
+            return self
+        return replace(self, dense=self.make(**self.resolved(values)))
 
 
 METHODS: dict[str, Method] = {
@@ -105,8 +136,56 @@ METHODS: dict[str, Method] = {
 }
 
 
-METHOD_NAMES = ("lata", *METHODS)  # ``lata``: task arithmetic with LATA layer weights
 SIGN_METHODS = ("total", "frequency")
+SPACES = ("core", "full")
+
+
+def _register_subspace_methods() -> None:
+    from .subspace_methods import RULES, dense_merge
+
+    params = {
+        "tsv": (MethodParam("fraction", None, "per-task share of the components kept (default 1/T)", 0.0, 1.0),),
+        "iso_c": (MethodParam("alpha", 1.0, "scale of the isotropic merge"),),
+        "iso_cts": (MethodParam("alpha", 1.0, "scale of the isotropic merge"),
+                    MethodParam("common_fraction", 0.8, "share of the directions in the common subspace", 0.0, 1.0)),
+    }
+    for name, (_, description) in RULES.items():
+        make = (lambda rule: lambda **values: dense_merge(rule, **values))(name)
+        METHODS[name] = Method(name, make(**{p.name: p.default for p in params[name]}), description, params[name],
+                               core_only=True, make=make)
+
+
+_register_subspace_methods()
+METHOD_NAMES = ("lata", *METHODS)  # ``lata``: task arithmetic with LATA layer weights
+
+
+def vector_method(method: Method) -> Method:
+    """The method for 1-D tensors (biases): subspace methods need matrices, so task arithmetic there (as
+    Iso-merging averages non-matrix parameters)."""
+    return METHODS["ta"] if method.core_only else method
+
+
+def parse_params(method: Method, items: Sequence[str]) -> dict[str, float]:
+    """``["alpha=1.5", ...]`` -> ``{"alpha": 1.5}``, checked against what ``method`` declares."""
+    from .errors import LataError
+
+    declared = {param.name: param for param in method.params}
+    values: dict[str, float] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or name not in declared:
+            allowed = ", ".join(declared) or "none"
+            raise LataError(f"--param {item!r}: {method.name} takes NAME=VALUE with NAME one of: {allowed}")
+        try:
+            value = float(text)
+        except ValueError:
+            raise LataError(f"--param {item!r}: {text!r} is not a number") from None
+        param = declared[name]
+        if not (param.low <= value <= param.high) or value != value:
+            raise LataError(f"--param {name}={text}: expected {param.low:g} <= {name} <= {param.high:g}")
+        values[name] = value
+    return values
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:

@@ -23,7 +23,7 @@ from .errors import LataError
 from .full_weights import BaseWeights, combine_full
 from .instruction import DenseInstruction
 from .layers import blocks_of, safe_block
-from .methods import METHODS
+from .methods import vector_method
 from .models import resolve_model
 from .outputs import prepare_output
 from .progress import Progress
@@ -151,7 +151,7 @@ def weight(scores: dict[str, list[LayerScore]], spec: ScoringSpec) -> LayerWeigh
 
 def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progress: Progress | None) -> Combination:
     """``c_{t,m} = lambda * sign_t * w_t * l_{t,m}`` per input and module, merged by the spec's method."""
-    merge_method = METHODS["ta" if spec.method == "lata" else spec.method]
+    merge_method = spec.merge_method
 
     def coefficient(index: int, module: str) -> float:
         block = inputs.blocks[module] if module in inputs.blocks else safe_block(module)
@@ -165,8 +165,19 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
         inputs.tasks, coefficient, merge_method, spec.rank_policy, density=spec.density, seed=spec.seed,
         sign_method=spec.sign_method, blocks=inputs.blocks,
         on_module=(lambda _: progress.advance()) if progress is not None else None,
-        base=inputs.base_weights, keep_exact=inputs.base is not None,
+        base=inputs.base_weights, keep_exact=inputs.base is not None, space=spec.space,
     )
-    combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient, merge_method,
-                                    inputs.base_weights, spec.density, spec.seed, spec.sign_method)
+    combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient,
+                                    vector_method(merge_method), inputs.base_weights, spec.density, spec.seed,
+                                    spec.sign_method)
+    _warn_if_lossy(spec, combination)
     return combination
+
+
+def _warn_if_lossy(spec: CombineSpec, combination: Combination) -> None:
+    """Say loudly what ``--rank exact`` lost when a full-space element-wise merge was factored back."""
+    lost = combination.max_relative_error
+    if spec.space == "full" and not spec.merge_method.factored and spec.rank_policy.mode == "exact" and lost > 1e-6:
+        warnings.warn(f"--space full: the dense {spec.method} result was factored back to the sum of the input "
+                      f"ranks and lost up to {lost:.1%} of a module (relative error, per module in the report); "
+                      "--space core merges exactly", stacklevel=2)

@@ -24,7 +24,8 @@ def combine_summary(result: Any) -> None:
     for entry in report["inputs"]:
         weight = "" if entry["weight"] is None else f" x {entry['weight']:g}"
         table.add_row(entry["role"], f"{escape(entry['label'])}{weight}  [dim]{escape(entry['path'])}[/]")
-    table.add_row("method", f"{report['method']}" + (f" + LATA {report['scheme']}" if report["lata"] else "")
+    space = f" in {report['space']} space" if report["method"] not in ("ta", "lata") else ""
+    table.add_row("method", f"{report['method']}{space}" + (f" + LATA {report['scheme']}" if report["lata"] else "")
                   + f", lambda {report['lambda']:g}, rank {report['rank']}")
     table.add_row("modules", str(summary["modules"]))
     table.add_row("output rank", f"{summary['min_rank']}–{summary['max_rank']}")

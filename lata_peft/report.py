@@ -61,6 +61,7 @@ def combine_report(spec: CombineSpec, inputs: Inputs, weights: LayerWeights | No
         "lata": spec.uses_lata,
         "scheme": spec.scheme if spec.uses_lata else None,
         "rank": str(spec.rank_policy),
+        "method_parameters": spec.method_parameters,
         "dtype": str(dtype).removeprefix("torch."),
         "inputs": _inputs(inputs),
         "layer_weights": weights.table() if weights is not None else {},

@@ -12,7 +12,7 @@ from typing import ClassVar
 from .combine import RankPolicy
 from .dtypes import DTYPES
 from .errors import LataError
-from .methods import METHOD_NAMES, SIGN_METHODS
+from .methods import METHOD_NAMES, METHODS, SIGN_METHODS, SPACES, Method, parse_params
 from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
@@ -93,6 +93,11 @@ class CombineSpec(ScoringSpec):
     fold_into: str | None = option(None, "Write this base model with the combination folded in.", path=True)
     four_bit: bool = option(False, "With --fold-into: quantise to bitsandbytes NF4 once.", flags=("--4bit",),
                             key="4bit")
+    space: str = option("core", "Where element-wise methods merge: core (exact on the factors' core matrices, "
+                                "Panariello et al. 2025) | full (dense per module, as PEFT and mergekit).")
+    params: tuple[str, ...] = option((), "Method parameter NAME=VALUE (repeatable): " + "; ".join(
+        f"{m.name}: " + ", ".join(f"{p.name} ({p.help})" for p in m.params) for m in METHODS.values() if m.params)
+        + ".", flags=("--param",))
     target: str = option("peft", "Serving engine the adapter is written for: " + " | ".join(TARGETS)
                          + " (not peft: one rank for every module, lora_alpha = r; docs/SERVING.md).")
 
@@ -104,11 +109,29 @@ class CombineSpec(ScoringSpec):
     def rank_policy(self) -> RankPolicy:
         return RankPolicy.parse(self.rank)
 
+    @property
+    def merge_method(self) -> Method:
+        """The registry's method (``lata`` is task arithmetic) with ``--param`` values bound."""
+        method = METHODS["ta" if self.method == "lata" else self.method]
+        return method.bind(parse_params(method, self.params))
+
+    @property
+    def method_parameters(self) -> dict[str, float | None]:
+        """Every parameter the method declares, as given or at its default (what the report records)."""
+        method = METHODS["ta" if self.method == "lata" else self.method]
+        return method.resolved(parse_params(method, self.params))
+
     def check(self) -> None:
         super().check()
         if self.method not in METHOD_NAMES:
             raise LataError(f"--method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
         self.rank_policy  # noqa: B018  (validates --rank)
+        if self.space not in SPACES:
+            raise LataError(f"--space {self.space!r}: expected one of {', '.join(SPACES)}")
+        if self.space == "full" and METHODS.get(self.method, METHODS["ta"]).core_only:
+            raise LataError(f"--method {self.method} runs in core space only (its full-space form on LoRA deltas is "
+                            "the same merge at the cost of dense SVDs): drop --space full")
+        self.merge_method  # noqa: B018  (validates --param)
         if not 0.0 < self.density <= 1.0:
             raise LataError(f"--density {self.density}: expected 0 < density <= 1")
         if self.sign_method not in SIGN_METHODS:

@@ -37,7 +37,7 @@ def test_combine_outputs_are_unchanged(tmp_path: Path) -> None:
     lata_peft.combine([ADAPTERS / "math", ADAPTERS / "code"], tmp_path / "lata", forget=[ADAPTERS / "shout"],
                       method="lata", instruction=ADAPTERS / "instruct")
     lata_peft.combine(lata_peft.CombineSpec(adapters=(str(ADAPTERS / "math"), str(ADAPTERS / "code")),
-                                            out=str(tmp_path / "ties"), method="ties", rank="8"))
+                                            out=str(tmp_path / "ties"), method="ties", rank="8", space="full"))
     lata_peft.combine([ADAPTERS / "math", ADAPTERS / "code"], tmp_path / "energy", rank="energy:0.9", lata=True,
                       instruction=ADAPTERS / "instruct", scheme="threshold", keep=0.5)
     assert adapter_files(tmp_path / "lata") == EXPECTED["combine_lata"]

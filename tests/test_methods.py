@@ -61,7 +61,7 @@ def test_dense_methods_end_to_end(tmp_path, base, adapters, method):
     """Written adapter (full rank, so no truncation) == PEFT's merge function on PEFT's own deltas."""
     out = tmp_path / "out"
     result = lata_peft.combine([adapters["plain"], adapters["rank8"]], out, forget=[adapters["instruct"]],
-                               method=method, weights=[1.0, 0.5], density=0.5, seed=5, rank=64)
+                               method=method, weights=[1.0, 0.5], density=0.5, seed=5, rank=64, space="full")
     assert result.report["summary"]["max_error"] < 1e-5
     per_adapter = [peft_delta_weights(base, adapters[n]) for n in ("plain", "rank8", "instruct")]
     coefficients = torch.tensor([1.0, 0.5, 1.0])
