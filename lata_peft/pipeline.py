@@ -138,9 +138,12 @@ def check(inputs: Inputs, strict: bool = False) -> None:
 
 
 def score(inputs: Inputs, granularity: str) -> dict[str, list[LayerScore]]:
-    """Per input label: the cosine of each unit (block or module) with the instruction vector."""
+    """Per input label: the cosine of each unit (block or module) with the instruction vector (whose
+    norms are computed once for all the labels)."""
     assert inputs.instruction is not None, "the spec requires an instruction vector for LATA"
-    return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks, base=inputs.base_weights)
+    instruction_squares: dict[str, float] = {}
+    return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks, base=inputs.base_weights,
+                                instruction_squares=instruction_squares)
             for label, task in zip(inputs.labels, inputs.tasks, strict=True)}
 
 

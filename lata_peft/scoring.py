@@ -127,19 +127,24 @@ def _units(adapter: Adapter, granularity: str, layer_regex: str | None, blocks: 
     return dict(sorted(units.items(), key=lambda item: item[0][0]))  # stable: adapter order within a block
 
 
-def _cosine(task: Deltas, instruction: Deltas) -> tuple[float, float, float]:
-    """``(|tau|, |iota|, cos)`` of one unit; each dense delta is formed once."""
+def _cosine(task: Deltas, instruction: Deltas, instruction_squares: dict[str, float] | None = None,
+            ) -> tuple[float, float, float]:
+    """``(|tau|, |iota|, cos)`` of one unit; each dense delta is formed once. ``instruction_squares``: the
+    instruction's ``|iota_p|^2`` by parameter, filled here and reused for the next task adapter."""
     dot = task_sq = instruction_sq = 0.0
-    instruction_squares: dict[str, float] = {}
+    squares = {} if instruction_squares is None else instruction_squares
     for key, task_delta in task.items():
         x = task_delta()
         task_sq += _squared(x)
         if key in instruction:
             y = instruction[key]()
             dot += _inner(x, y)
-            instruction_squares[key] = _squared(y)
+            if key not in squares:
+                squares[key] = _squared(y)
     for key, instruction_delta in instruction.items():
-        instruction_sq += instruction_squares[key] if key in instruction_squares else _squared(instruction_delta())
+        if key not in squares:
+            squares[key] = _squared(instruction_delta())
+        instruction_sq += squares[key]
     task_norm, instruction_norm = task_sq**0.5, instruction_sq**0.5
     return task_norm, instruction_norm, cosine_from(dot, task_norm, instruction_norm)
 
@@ -178,6 +183,7 @@ def score_layers(
     layer_regex: str | None = None,
     blocks: Mapping[str, int | None] | None = None,
     base: BaseWeights | None = None,
+    instruction_squares: dict[str, float] | None = None,
 ) -> list[LayerScore]:
     """Cosine of ``task`` with ``instruction`` per block (or per module), in block order.
 
@@ -185,7 +191,9 @@ def score_layers(
     model), of which only the parameters the task adapter trains are read. Modules outside
     the blocks (embeddings, heads) are not scored. ``blocks`` (module -> block) replaces
     ``layer_regex`` when the caller has computed it. ``base`` (the base model's weights) adds
-    DoRA modules and full trained parameters to their blocks (module docstring).
+    DoRA modules and full trained parameters to their blocks (module docstring). Pass the same
+    ``instruction_squares`` dict for every task adapter scored against one instruction: its norms are
+    then computed once.
     """
     task_units = _units(task, granularity, layer_regex, blocks, base)
     dense = isinstance(instruction, DenseInstruction) or (base is not None and any(
@@ -198,7 +206,8 @@ def score_layers(
         else:
             instruction_units = _units(instruction, granularity, layer_regex, blocks, base)
             pairs = [(unit, deltas, instruction_units.get(unit, {})) for unit, deltas in task_units.items()]
-        return [LayerScore(unit[0], unit[1], *_cosine(deltas, other)) for unit, deltas, other in pairs]
+        return [LayerScore(unit[0], unit[1], *_cosine(deltas, other, instruction_squares))
+                for unit, deltas, other in pairs]
 
 
 def module_norm(adapter: Adapter, name: str, base: BaseWeights | None = None) -> float:

@@ -164,3 +164,23 @@ def test_relative_threshold_keeps_the_least_aligned_fraction():
     assert layer_weights(cosines, LayerWeighting("threshold", keep=0.0)) == [0, 0, 0, 0, 0]
     with pytest.raises(lata_peft.LataError, match="--keep"):
         LayerWeighting("threshold", keep=1.5)
+
+
+def test_instruction_norms_are_computed_once_and_change_nothing(adapters, monkeypatch):
+    """``pipeline.score`` shares the instruction's squared norms across task adapters: the scores equal
+    those of each adapter scored alone, and the instruction's norms are computed once per module."""
+    from lata_peft import scoring
+    from lata_peft.adapter import load_adapter
+    from lata_peft.pipeline import assemble, score
+
+    tasks = [load_adapter(adapters[name]) for name in ("plain", "rank8", "patterns")]
+    instruction = load_adapter(adapters["instruct"])
+    inputs = assemble(tasks, instruction, [1.0] * 3, [1.0] * 3, None)
+    calls = []
+    squared = scoring._squared
+    monkeypatch.setattr(scoring, "_squared", lambda x: calls.append(1) or squared(x))
+    shared = score(inputs, "block")
+    assert len(calls) == sum(len(t.modules) for t in tasks) + len(instruction.modules)  # instruction's once
+    for label, task in zip(inputs.labels, tasks, strict=True):
+        alone = scoring.score_layers(task, instruction, "block", blocks=inputs.blocks)
+        assert [s.to_dict() for s in alone] == [s.to_dict() for s in shared[label]]
