@@ -73,6 +73,33 @@ def elect_and_merge(deltas: torch.Tensor, weights: torch.Tensor, sign_method: st
     return total / agree.sum(0).clamp(min=1)
 
 
+def _ties_mergekit(deltas, weights, density, generator, sign_method):
+    """TIES as mergekit 0.1.5 computes it (``merge_methods/generalized_task_arithmetic.py``, ``merge_group``;
+    ``sparsify.magnitude``): keep the ``max(1, int(density n))`` largest |entries| of each ``tau_t``,
+    ``X_t = w_t trimmed_t`` with the *signed* weights, majority sign of ``sum_t X_t`` ("total", mergekit's
+    ``sum``) or of ``sum_t sign(X_t)`` ("frequency", ``count``), ``mask_t = [sign X_t == majority]``, result
+    ``sum_t X_t mask_t / sum_t w_t mask_t`` (a zero divisor counts as 1; mergekit's ``normalize: true``)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    keep = max(1, int(density * flat.shape[1])) if density < 1.0 else flat.shape[1]
+    mask = torch.zeros_like(flat)
+    mask.scatter_(1, flat.abs().topk(keep, dim=1).indices, 1.0)
+    X = _weighted((flat * mask).reshape(deltas.shape), weights)
+    signs = X.sign()
+    votes = X.sum(0) if sign_method == "total" else signs.sum(0)
+    majority = torch.where(votes >= 0, 1.0, -1.0).to(X.dtype)
+    agree = (signs == majority).to(X.dtype)
+    divisor = _weighted(agree, weights).sum(0)
+    divisor[divisor == 0] = 1
+    return (X * agree).sum(0) / divisor
+
+
+_ties_mergekit.signed_weights = True  # type: ignore[attr-defined]
+
+
+def _ties_by_convention(convention: str = "peft") -> DenseMerge:
+    return _ties_mergekit if convention == "mergekit" else _ties
+
+
 def _magnitude(deltas, weights, density, generator, sign_method):
     return _weighted(trim_by_magnitude(deltas, density), weights).sum(0)
 
@@ -91,13 +118,15 @@ def _dare_ties(deltas, weights, density, generator, sign_method):
 
 @dataclass(frozen=True)
 class MethodParam:
-    """One parameter a method declares: its name, default (``None``: the method's own rule), help and range."""
+    """One parameter a method declares: its name, default (``None``: the method's own rule), help, and its
+    range (numbers) or ``choices`` (words)."""
 
     name: str
-    default: float | None
+    default: float | str | None
     help: str
     low: float = 0.0
     high: float = float("inf")
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,26 +140,32 @@ class Method:
     params: tuple[MethodParam, ...] = ()
     core_only: bool = False
     make: Callable[..., DenseMerge] | None = None
+    signed: bool = False
+    """The dense rule takes signed weights (``tau_t``, ``c_t``) instead of (``-tau_t``, ``|c_t|``) for ``c_t < 0``."""
 
     @property
     def factored(self) -> bool:
         return self.dense is None
 
-    def resolved(self, values: Mapping[str, float]) -> dict[str, float | None]:
+    def resolved(self, values: Mapping[str, float | str]) -> dict[str, float | str | None]:
         """Every declared parameter: the given value, else its default."""
         return {param.name: values.get(param.name, param.default) for param in self.params}
 
-    def bind(self, values: Mapping[str, float]) -> Method:
+    def bind(self, values: Mapping[str, float | str]) -> Method:
         """This method with its parameters set (``make(**params)`` builds the dense rule)."""
         if self.make is None:
             return self
-        return replace(self, dense=self.make(**self.resolved(values)))
+        dense = self.make(**self.resolved(values))
+        return replace(self, dense=dense, signed=getattr(dense, "signed_weights", False))
 
 
 METHODS: dict[str, Method] = {
     "ta": Method("ta", None, "task arithmetic: exact factored weighted sum"),
     "magnitude": Method("magnitude", _magnitude, "magnitude pruning of each task vector, then weighted sum"),
-    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean"),
+    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", (
+        MethodParam("convention", "peft", "peft: signs elected on unweighted deltas, mean over the agreeing "
+                    "count (peft.utils.merge_utils); mergekit: on weighted deltas, divided by the agreeing weights "
+                    "(mergekit 0.1.5)", choices=("peft", "mergekit")),), make=_ties_by_convention),
     "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum"),
     "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election"),
 }
@@ -165,23 +200,28 @@ def vector_method(method: Method) -> Method:
     return METHODS["ta"] if method.core_only else method
 
 
-def parse_params(method: Method, items: Sequence[str]) -> dict[str, float]:
+def parse_params(method: Method, items: Sequence[str]) -> dict[str, float | str]:
     """``["alpha=1.5", ...]`` -> ``{"alpha": 1.5}``, checked against what ``method`` declares."""
     from .errors import LataError
 
     declared = {param.name: param for param in method.params}
-    values: dict[str, float] = {}
+    values: dict[str, float | str] = {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or name not in declared:
             allowed = ", ".join(declared) or "none"
             raise LataError(f"--param {item!r}: {method.name} takes NAME=VALUE with NAME one of: {allowed}")
+        param = declared[name]
+        if param.choices:
+            if text.strip() not in param.choices:
+                raise LataError(f"--param {name}={text}: expected one of {', '.join(param.choices)}")
+            values[name] = text.strip()
+            continue
         try:
             value = float(text)
         except ValueError:
             raise LataError(f"--param {item!r}: {text!r} is not a number") from None
-        param = declared[name]
         if not (param.low <= value <= param.high) or value != value:
             raise LataError(f"--param {name}={text}: expected {param.low:g} <= {name} <= {param.high:g}")
         values[name] = value
@@ -202,6 +242,10 @@ def merge_terms(terms: list[tuple[float, torch.Tensor]], method: Method, density
     """
     if method.factored:
         return sum(c * tau for c, tau in terms)
-    deltas = torch.stack([tau if c >= 0 else -tau for c, tau in terms])
-    weights = torch.tensor([abs(c) for c, _ in terms], dtype=deltas.dtype)
+    if method.signed:
+        deltas = torch.stack([tau for _, tau in terms])
+        weights = torch.tensor([c for c, _ in terms], dtype=deltas.dtype)
+    else:
+        deltas = torch.stack([tau if c >= 0 else -tau for c, tau in terms])
+        weights = torch.tensor([abs(c) for c, _ in terms], dtype=deltas.dtype)
     return method.dense(deltas, weights, density, generator, sign_method)

@@ -56,8 +56,8 @@ def _method_lines(report: dict[str, Any]) -> list[str]:
                 + (", then quantised once to bitsandbytes NF4." if report["fold"]["four_bit"] else ".")]
     summary = report["summary"]
     lata = f" with LATA layer weights ({report['scheme']} scheme)" if report.get("lata") else ""
-    parameters = "".join(f", {name} {value:g}" for name, value in (report.get("method_parameters") or {}).items()
-                         if value is not None)
+    parameters = "".join(f", {name} {value:g}" if isinstance(value, float) else f", {name} {value}"
+                         for name, value in (report.get("method_parameters") or {}).items() if value is not None)
     space = f" in {report['space']} space" if report["method"] not in ("ta", "lata") else ""
     lines = [f"* method: `{report['method']}`{space}{parameters}{lata}, lambda {report['lambda']:g}",
              f"* rank policy: `{report['rank']}`; combined ranks {summary['min_rank']}-{summary['max_rank']}, "

@@ -116,7 +116,7 @@ class CombineSpec(ScoringSpec):
         return method.bind(parse_params(method, self.params))
 
     @property
-    def method_parameters(self) -> dict[str, float | None]:
+    def method_parameters(self) -> dict[str, float | str | None]:
         """Every parameter the method declares, as given or at its default (what the report records)."""
         method = METHODS["ta" if self.method == "lata" else self.method]
         return method.resolved(parse_params(method, self.params))
