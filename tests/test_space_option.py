@@ -77,7 +77,9 @@ def test_subspace_method_parameters_reach_the_merge_and_the_report(tmp_path: Pat
 @pytest.mark.parametrize(("args", "words"), [
     (["--method", "tsv", "--space", "full"], ["core space only"]),
     (["--method", "iso_c", "--param", "fraction=0.5"], ["iso_c takes", "alpha"]),
-    (["--method", "ties", "--param", "alpha=2"], ["ties takes", "none"]),
+    (["--method", "ties", "--param", "alpha=2"], ["ties takes", "convention"]),
+    (["--method", "dare", "--param", "alpha=2"], ["dare takes", "none"]),
+    (["--method", "ties", "--param", "convention=ours"], ["peft, mergekit"]),
     (["--method", "iso_cts", "--param", "common_fraction=2"], ["common_fraction", "<= 1"]),
     (["--space", "half"], ["--space", "core, full"]),
 ])
