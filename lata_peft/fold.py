@@ -30,7 +30,7 @@ from .dtypes import DTYPES
 from .errors import LataError
 from .models import read_model_config, weight_files
 from .outputs import check_free_space
-from .shards import ShardWriter, TensorFile, copy_side_files, iter_tensors, release_memory
+from .shards import SHARD_BYTES, ShardWriter, TensorFile, copy_side_files, iter_tensors, release_memory
 
 __all__ = ["NF4", "FoldResult", "QuantOptions", "check_disk_space", "fold_modules", "fold_weight"]
 
@@ -213,7 +213,12 @@ def fold_modules(
             progress.advance(handle.nbytes[key])
         if any(key.endswith(f".weight.{part}") for part in QUANT_STATE_PARTS):
             continue  # read together with its packed weight
-        _fold_tensor(key, handle, targets, dense, nf4, writer, result, base, device)
+        quantized = nf4 is not None and (key.removesuffix(".weight") in nf4.modules
+                                         or f"{key}{QUANT_STATE_SUFFIX}" in handle.keys)
+        if key not in targets and key not in dense and not quantized and handle.nbytes[key] >= SHARD_BYTES:
+            writer.copy(key, handle)  # e.g. an 8B model's 1 GB embedding: never in memory
+        else:
+            _fold_tensor(key, handle, targets, dense, nf4, writer, result, base, device)
         seen.add(key)
     missing = sorted((set(targets) | set(dense)) - seen)
     if missing:

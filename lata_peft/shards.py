@@ -1,7 +1,9 @@
 """Streaming safetensors: read a model one tensor at a time, write it back in bounded shards.
 
 Peak memory is one output shard buffer (``SHARD_BYTES``) plus the tensor in hand, never a
-whole model. Side files (tokenizer, generation config, ...) are copied as they are.
+whole model; a tensor of ``SHARD_BYTES`` or more that is written unchanged (an 8B model's 1 GB
+embedding or head) is copied file to file in chunks, into a shard of its own, never held in memory.
+Side files (tokenizer, generation config, ...) are copied as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .models import WEIGHT_FILES
 __all__ = ["SHARD_BYTES", "ShardWriter", "TensorFile", "copy_side_files", "iter_tensors", "release_memory"]
 
 SHARD_BYTES = 256 * 1024**2  # output shard buffer: bounds peak memory (the 1.1B NF4 benchmark: 1.27x target)
+COPY_CHUNK = 64 * 1024**2
 
 
 class TensorFile:
@@ -39,6 +42,14 @@ class TensorFile:
                 self.nbytes = {key: _nbytes(handle.get_slice(key)) for key in self.keys}
         except (SafetensorError, OSError) as exc:
             raise LataError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+    def location(self, key: str) -> tuple[dict, int]:
+        """``({"dtype", "shape", "data_offsets"}, start of the data section)`` of ``key`` from the file's header
+        (safetensors format: an 8-byte little-endian header length, the JSON header, then the data)."""
+        with self.path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        return header[key], 8 + length
 
     def get_tensor(self, key: str) -> torch.Tensor:
         with safe_open(self.path, framework="pt") as handle:
@@ -89,6 +100,28 @@ class ShardWriter:
         self.pending_bytes += tensor.numel() * tensor.element_size()
         if self.pending_bytes >= SHARD_BYTES:
             self.flush()
+
+    def copy(self, key: str, source: TensorFile) -> None:
+        """``key`` of ``source``, unchanged, as a shard of its own: header written, bytes copied in chunks."""
+        self.flush()
+        entry, data_start = source.location(key)
+        begin, end = entry["data_offsets"]
+        header = {key: {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]},
+                  "__metadata__": self.metadata}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        with source.path.open("rb") as reader, (self.folder / f"shard-{len(self.shards):05d}.tmp").open("wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            reader.seek(data_start + begin)
+            remaining = end - begin
+            while remaining:
+                chunk = reader.read(min(COPY_CHUNK, remaining))
+                if not chunk:
+                    raise LataError(f"{source.path}: truncated safetensors file (tensor {key})")
+                out.write(chunk)
+                remaining -= len(chunk)
+        self.shards.append([key])
+        self.bytes_written += end - begin
 
     def flush(self) -> None:
         if self.pending:

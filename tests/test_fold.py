@@ -231,3 +231,31 @@ def test_fold_progress_counts_the_bytes_of_the_base(tmp_path, adapters, sharded_
     expected = sum(t.numel() * t.element_size() for path in sorted(sharded_base.glob("model*.safetensors"))
                    for t in load_file(path).values())
     assert recorder.starts == [(expected, "bytes")] and recorder.done == expected
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_big_unchanged_tensors_are_copied_file_to_file(tmp_path, adapters, sharded_base, monkeypatch, four_bit):
+    """Unchanged tensors of SHARD_BYTES or more (here: a tiny threshold) go to shards of their own, copied in
+    chunks: every output tensor equals the buffered path's, and transformers loads the folded model."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    fold_module = importlib.import_module("lata_peft.fold")  # lata_peft.fold is also the API function
+    shards = importlib.import_module("lata_peft.shards")
+
+    def tensors(folder):
+        return {k: v for path in sorted(folder.glob("model*.safetensors")) for k, v in load_file(path).items()}
+
+    fold(str(adapters["plain"]), str(sharded_base), str(tmp_path / "buffered"), four_bit=four_bit)
+    monkeypatch.setattr(fold_module, "SHARD_BYTES", 1024)
+    monkeypatch.setattr(shards, "COPY_CHUNK", 1000)  # several chunks per tensor
+    fold(str(adapters["plain"]), str(sharded_base), str(tmp_path / "copied"), four_bit=four_bit)
+    buffered, copied = tensors(tmp_path / "buffered"), tensors(tmp_path / "copied")
+    assert buffered.keys() == copied.keys()
+    assert all(torch.equal(buffered[k], copied[k]) for k in buffered)
+    assert len(list((tmp_path / "copied").glob("model*.safetensors"))) > len(
+        list((tmp_path / "buffered").glob("model*.safetensors")))  # the big ones got shards of their own
+    if not four_bit:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "copied")
+        assert torch.equal(model.model.embed_tokens.weight, buffered["model.embed_tokens.weight"])
