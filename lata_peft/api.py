@@ -21,7 +21,6 @@ from .adapter import load_adapter
 from .combine import Combination
 from .dtypes import parse_dtype
 from .emit import emit_adapter, emit_folded
-from .errors import LataError
 from .fold import QuantOptions
 from .full_weights import BaseWeights, combine_full
 from .methods import METHODS
@@ -149,12 +148,7 @@ def export(spec: ExportSpec | PathLike | None = None, out: PathLike | None = Non
     from .gguf_export import export_gguf
 
     spec = _spec(ExportSpec, {"adapter": spec, "out": out}, options)
-    protected = [Path(spec.adapter), *([Path(spec.base)] if spec.base else [])]
-    target = Path(spec.out).expanduser().resolve()
-    for folder in (p.resolve() for p in protected if p.exists()):
-        if target == folder or (folder.is_dir() and target.parent == folder and not target.name.endswith(".gguf")):
-            raise LataError(f"{target}: is one of the inputs ({folder}); write the .gguf elsewhere")
-    return {"verb": "export", "format": "gguf", **export_gguf(spec.adapter, target, spec.base,
+    return {"verb": "export", "format": "gguf", **export_gguf(spec.adapter, spec.out, spec.base,
                                                               overwrite=spec.overwrite)}
 
 

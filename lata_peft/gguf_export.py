@@ -49,6 +49,7 @@ from .errors import LataError, first_line, shorten
 from .full_weights import parameter_name
 from .hub import is_hub_id, snapshot
 from .models import is_model_folder, read_model_config, weight_files
+from .outputs import check_not_an_input
 
 __all__ = ["ARCHITECTURES", "export_gguf", "llama_permute"]
 
@@ -263,8 +264,9 @@ def _is_gguf(path: Path) -> bool:
         return False
 
 
-def _check_out(out: Path, overwrite: bool) -> Path:
+def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> Path:
     target = Path(out).expanduser().resolve()
+    check_not_an_input(target, [path for path in inputs if path.exists()])
     if target.is_dir():
         raise LataError(f"{target}: is a folder; give the .gguf file to write")
     if (target.exists() or target.is_symlink()) and not overwrite:
@@ -325,10 +327,11 @@ def export_gguf(adapter: PathLike, out: PathLike, base: PathLike | None = None, 
     ``base`` is the base model folder or hub id (only its ``config.json`` is read, plus its safetensors
     headers to check shapes when present); default: the adapter's ``base_model_name_or_path``. Returns
     ``{"path", "architecture", "tensors", "modules", "rank", "alpha", "scale_folded", "bytes"}``.
-    Every refusal is one :class:`LataError` line and leaves nothing at ``out``.
+    Every refusal is one :class:`LataError` line and leaves nothing at ``out``; ``out`` may not be, lie
+    inside or contain the adapter or base folder (the rule of every lata-peft output).
     """
     gguf = _gguf()
-    target = _check_out(Path(out), overwrite)
+    target = _check_out(Path(out), overwrite, [Path(adapter), *([Path(base)] if base is not None else [])])
     loaded = load_adapter(adapter)
     if any(module.needs_base for module in loaded.modules.values()):
         raise LataError(f"{loaded.path}: a DoRA adapter (use_dora); llama.cpp's LoRA format has no magnitude "

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .errors import LataError
 
-__all__ = ["REPORT_NAME", "check_free_space", "prepare_output", "replace_text", "write_atomically"]
+__all__ = ["REPORT_NAME", "check_free_space", "check_not_an_input", "prepare_output", "replace_text",
+           "write_atomically"]
 
 REPORT_NAME = "lata_report.json"
 STALE_SECONDS = 24 * 3600
@@ -42,12 +43,7 @@ def _existing_ancestor(path: Path) -> Path:
 def prepare_output(out: Path, protected: Sequence[Path], overwrite: bool = False) -> Path:
     """The resolved output folder, or a :class:`LataError` if writing there could lose data."""
     target = Path(out).expanduser().resolve()
-    for source in protected:
-        source = Path(source).expanduser().resolve()
-        if target == source or source in target.parents:
-            raise LataError(f"{target}: the output would overwrite the input {source}")
-        if target in source.parents:
-            raise LataError(f"{target}: the output folder contains the input {source}; replacing it would delete it")
+    check_not_an_input(target, protected)
     _check_replaceable(target, overwrite)
     ancestor = _existing_ancestor(target.parent)
     if not ancestor.is_dir():
@@ -55,6 +51,16 @@ def prepare_output(out: Path, protected: Sequence[Path], overwrite: bool = False
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise LataError(f"{target}: {ancestor} is not writable")
     return target
+
+
+def check_not_an_input(target: Path, protected: Sequence[Path]) -> None:
+    """Refuse an output (folder or file) that is an input, lies inside one, or contains one."""
+    for source in protected:
+        source = Path(source).expanduser().resolve()
+        if target == source or source in target.parents:
+            raise LataError(f"{target}: the output would overwrite the input {source}")
+        if target in source.parents:
+            raise LataError(f"{target}: the output folder contains the input {source}; replacing it would delete it")
 
 
 def _check_replaceable(target: Path, overwrite: bool, meanwhile: bool = False) -> None:

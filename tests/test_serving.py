@@ -264,12 +264,13 @@ def test_export_never_replaces_an_input_or_a_file_that_is_not_gguf(tmp_path: Pat
     before = {p.name: sha256(p) for p in folder.iterdir()}
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    for target in (folder / "adapter_model.safetensors", folder, notes):
+    for target in (folder / "adapter_model.safetensors", folder, folder / "inside.gguf", tmp_path, notes):
         result = runner.invoke(app, ["export", str(folder), "--gguf", str(target), "--base", str(tiny_base),
                                      "--overwrite"])
         assert result.exit_code == 2 and result.output.startswith("error:"), result.output
         assert len(result.output.strip().splitlines()) == 1
     assert {p.name: sha256(p) for p in folder.iterdir()} == before and notes.read_text() == "mine"
+    assert not (folder / "inside.gguf").exists()
 
 
 def test_export_refuses_trained_weights_it_cannot_carry(tmp_path: Path) -> None:
