@@ -45,6 +45,19 @@ def make_adapter(folder: Path, base: LlamaForCausalLM, seed: int, **lora: object
     return folder
 
 
+def perturbed_adapter(model: torch.nn.Module, folder: Path, seed: int, **lora: object) -> Path:
+    """A PEFT adapter of ``model`` (left as it is) with every trainable tensor (factors, DoRA magnitudes,
+    saved modules, biases) moved by seeded noise (x 0.2), saved to ``folder``."""
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(**lora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def base() -> LlamaForCausalLM:
     return tiny_llama()

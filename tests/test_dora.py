@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import perturbed_adapter
+from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -42,16 +43,7 @@ def tiny() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def make_adapter(base: LlamaForCausalLM, folder: Path, seed: int, **config: object) -> Path:
-    """A PEFT adapter whose trainable tensors (A, B, DoRA's magnitude) are moved by seeded noise."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(folder)
-    return folder
+make_adapter = perturbed_adapter  # A, B and DoRA's magnitude moved by seeded noise
 
 
 def merged_state(base: LlamaForCausalLM, adapter: Path) -> dict[str, torch.Tensor]:

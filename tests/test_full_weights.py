@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import perturbed_adapter
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
     GPT2Config,
@@ -56,15 +57,7 @@ def save_base(make, folder: Path):
 
 def make_adapter(make, base_folder: Path, folder: Path, seed: int, **config) -> Path:
     """A PEFT adapter with every trainable tensor (factors, heads, biases) set to seeded random values."""
-    model = type(make()).from_pretrained(base_folder)
-    peft_model = get_peft_model(model, LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in peft_model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    peft_model.save_pretrained(folder)
-    return folder
+    return perturbed_adapter(type(make()).from_pretrained(base_folder), folder, seed, **config)
 
 
 def merged_state(make, base_folder: Path, adapter: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import perturbed_adapter
+from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lata_peft import inspect
@@ -31,14 +32,7 @@ def tiny() -> LlamaForCausalLM:
 
 def make_adapter(base: LlamaForCausalLM, folder: Path, seed: int, **config: object) -> Path:
     """A PEFT adapter with every trainable tensor (factors, magnitudes, saved modules) moved by seeded noise."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, **config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    model.save_pretrained(folder)
-    return folder
+    return perturbed_adapter(base, folder, seed, r=4, lora_alpha=8, **config)
 
 
 def task_vector(base: LlamaForCausalLM, adapter: Path) -> dict[str, torch.Tensor]:
