@@ -25,6 +25,7 @@ parameters (:class:`MethodParam`): the CLI's ``--param NAME=VALUE``, the API's a
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -185,9 +186,9 @@ def _register_subspace_methods() -> None:
                     MethodParam("common_fraction", 0.8, "share of the directions in the common subspace", 0.0, 1.0)),
     }
     for name, (_, description) in RULES.items():
-        make = (lambda rule: lambda **values: dense_merge(rule, **values))(name)
-        METHODS[name] = Method(name, make(**{p.name: p.default for p in params[name]}), description, params[name],
-                               core_only=True, make=make)
+        make = functools.partial(dense_merge, name)
+        unbound = Method(name, None, description, params[name], core_only=True, make=make)
+        METHODS[name] = unbound.bind({})  # at the declared defaults
 
 
 _register_subspace_methods()

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from .report import space_note
+
 __all__ = ["CARD_NAME", "card_license", "model_card"]
 
 CARD_NAME = "README.md"
@@ -58,7 +60,7 @@ def _method_lines(report: dict[str, Any]) -> list[str]:
     lata = f" with LATA layer weights ({report['scheme']} scheme)" if report.get("lata") else ""
     parameters = "".join(f", {name} {value:g}" if isinstance(value, float) else f", {name} {value}"
                          for name, value in (report.get("method_parameters") or {}).items() if value is not None)
-    space = f" in {report['space']} space" if report["method"] not in ("ta", "lata") else ""
+    space = space_note(report)
     lines = [f"* method: `{report['method']}`{space}{parameters}{lata}, lambda {report['lambda']:g}",
              f"* rank policy: `{report['rank']}`; combined ranks {summary['min_rank']}-{summary['max_rank']}, "
              f"{summary['modules']} modules, {summary['parameters']:,} parameters",

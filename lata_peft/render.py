@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .report import space_note
+
 __all__ = ["combine_summary", "compare_summary", "eval_table", "export_table", "fold_table", "inspect_tables",
            "out_console"]
 
@@ -24,7 +26,7 @@ def combine_summary(result: Any) -> None:
     for entry in report["inputs"]:
         weight = "" if entry["weight"] is None else f" x {entry['weight']:g}"
         table.add_row(entry["role"], f"{escape(entry['label'])}{weight}  [dim]{escape(entry['path'])}[/]")
-    space = f" in {report['space']} space" if report["method"] not in ("ta", "lata") else ""
+    space = space_note(report)
     table.add_row("method", f"{report['method']}{space}" + (f" + LATA {report['scheme']}" if report["lata"] else "")
                   + f", lambda {report['lambda']:g}, rank {report['rank']}")
     table.add_row("modules", str(summary["modules"]))

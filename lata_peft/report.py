@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .specs import CombineSpec
     from .weighting import LayerWeights
 
-__all__ = ["adapter_entry", "combine_report", "header", "now"]
+__all__ = ["adapter_entry", "combine_report", "header", "now", "space_note"]
 
 
 def now() -> str:
@@ -30,6 +30,11 @@ def now() -> str:
 def header(spec: Spec) -> dict[str, Any]:
     """Version, time, verb, and every option of the spec under its recipe key."""
     return {"lata_peft_version": __version__, "created": now(), "verb": spec.verb, **spec.record()}
+
+
+def space_note(report: dict[str, Any]) -> str:
+    """`` in core space`` / `` in full space`` for a method that merges in a space (not TA / LATA), else ``""``."""
+    return f" in {report['space']} space" if report["method"] not in ("ta", "lata") else ""
 
 
 def adapter_entry(adapter: Adapter, label: str, role: str, weight: float | None) -> dict[str, Any]:

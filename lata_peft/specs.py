@@ -110,16 +110,19 @@ class CombineSpec(ScoringSpec):
         return RankPolicy.parse(self.rank)
 
     @property
+    def registry_method(self) -> Method:
+        """The registry's entry for ``--method`` (``lata`` is task arithmetic), parameters unbound."""
+        return METHODS["ta" if self.method == "lata" else self.method]
+
+    @property
     def merge_method(self) -> Method:
-        """The registry's method (``lata`` is task arithmetic) with ``--param`` values bound."""
-        method = METHODS["ta" if self.method == "lata" else self.method]
-        return method.bind(parse_params(method, self.params))
+        """The method with its ``--param`` values bound."""
+        return self.registry_method.bind(parse_params(self.registry_method, self.params))
 
     @property
     def method_parameters(self) -> dict[str, float | str | None]:
         """Every parameter the method declares, as given or at its default (what the report records)."""
-        method = METHODS["ta" if self.method == "lata" else self.method]
-        return method.resolved(parse_params(method, self.params))
+        return self.registry_method.resolved(parse_params(self.registry_method, self.params))
 
     def check(self) -> None:
         super().check()
@@ -128,7 +131,7 @@ class CombineSpec(ScoringSpec):
         self.rank_policy  # noqa: B018  (validates --rank)
         if self.space not in SPACES:
             raise LataError(f"--space {self.space!r}: expected one of {', '.join(SPACES)}")
-        if self.space == "full" and METHODS.get(self.method, METHODS["ta"]).core_only:
+        if self.space == "full" and self.registry_method.core_only:
             raise LataError(f"--method {self.method} runs in core space only (its full-space form on LoRA deltas is "
                             "the same merge at the cost of dense SVDs): drop --space full")
         self.merge_method  # noqa: B018  (validates --param)
