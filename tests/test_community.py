@@ -11,6 +11,7 @@ stay refused exit 2 with one line naming the file. Cases that need a lata-peft f
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -118,3 +119,36 @@ def test_every_community_config_is_a_case() -> None:
     folders = {path.parent.name for path in (Path(__file__).parent / "data" / "community").glob(f"*/{CONFIG_NAME}")}
     assert folders == {case.name for case in CASES}
     assert len(CASES) >= 36
+
+
+@pytest.mark.parametrize("case", ADAPTERS)
+def test_real_config_serving_targets_read_as_peft(case: Case, tmp_path: Path) -> None:
+    """``--target vllm`` and ``--target llama.cpp`` on every real config: each output, read by that engine's
+    own rules (``tests/engine_rules.py``), gives PEFT's delta of the PEFT-target output and passes the
+    engine's acceptance rules; or the target refuses, in one LataError naming it (heads, biases, Conv1D)."""
+    from engine_rules import engine_delta, llamacpp_problems, vllm_problems
+
+    from lata_peft.errors import LataError
+
+    a, b = synthesise(case, tmp_path / "a", seed=0), synthesise(case, tmp_path / "b", seed=1)
+    options = {}
+    if CAN_PASS_BASE:
+        tiny_model(case).save_pretrained(tmp_path / "base")
+        options["base"] = str(tmp_path / "base")
+    api.combine(adapters=(str(a), str(b)), out=str(tmp_path / "peft"), rank="energy:0.9", **options)
+    reference = engine_delta(tmp_path / "peft", "peft")
+    for target, engines in (("vllm", ("vllm", "vllm<0.32")), ("llama.cpp", ("llama.cpp",))):
+        out = tmp_path / target
+        try:
+            api.combine(adapters=(str(a), str(b)), out=str(out), rank="energy:0.9", target=target, **options)
+        except LataError as exc:
+            assert f"--target {target}" in str(exc) and not out.exists()
+            continue
+        for engine in engines:
+            got = engine_delta(out, engine)
+            assert set(got) == set(reference)
+            for module, delta in reference.items():
+                assert float((got[module] - delta).abs().max()) <= 1e-5 * max(float(delta.abs().max()), 1e-12), module
+        rank = json.loads((out / "adapter_config.json").read_text())["r"]
+        problems = vllm_problems(out, max_lora_rank=rank) if target == "vllm" else llamacpp_problems(out)
+        assert problems == [], problems
