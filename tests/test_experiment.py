@@ -79,12 +79,12 @@ def test_verdicts_are_paired_over_training_seeds() -> None:
     # math_nll (lower is better): LATA beats TA on every seed, beats DARE on two of three
     values = {"ta": [1.0, 1.1, 1.2], "dare": [0.95, 0.8, 0.9], "lata_linear": [0.9, 1.0, 0.85]}
     records = [record(t, "add", m, 1.0, math_nll=v[t]) for m, v in values.items() for t in range(3)]
-    rows = {(r["lata"], r["baseline"]): r for r in experiment.verdicts(records, plan)}
+    rows = {(r["ours"], r["baseline"]): r for r in experiment.verdicts(records, plan)}
     assert rows[("lata_linear", "ta")]["outcome"] == "win"
     assert rows[("lata_linear", "ta")]["mean_gain"] == pytest.approx((0.1 + 0.1 + 0.35) / 3)
     assert rows[("lata_linear", "dare")]["outcome"] == "tie"
     worse = [record(t, "add", "lata_linear", 1.0, math_nll=2.0) for t in range(3)]
-    rows = {(r["lata"], r["baseline"]): r for r in experiment.verdicts(records[:6] + worse, plan)}
+    rows = {(r["ours"], r["baseline"]): r for r in experiment.verdicts(records[:6] + worse, plan)}
     assert rows[("lata_linear", "ta")]["outcome"] == rows[("lata_linear", "dare")]["outcome"] == "loss"
 
 
@@ -92,7 +92,7 @@ def test_maximised_goal_flips_the_sign() -> None:
     plan = small_plan()
     records = [record(t, "forget", m, 1.0, shout_nll=v) for t in range(3)
                for m, v in (("ta", 3.0), ("dare", 3.1), ("lata_linear", 3.05))]
-    rows = {(r["lata"], r["baseline"]): r["outcome"] for r in experiment.verdicts(records, plan)
+    rows = {(r["ours"], r["baseline"]): r["outcome"] for r in experiment.verdicts(records, plan)
             if r["metric"] == "shout_nll"}
     assert rows == {("lata_linear", "ta"): "win", ("lata_linear", "dare"): "loss"}
 

@@ -95,11 +95,14 @@ def load_model(
 
 
 @contextlib.contextmanager
-def with_adapter(model: torch.nn.Module, adapter: PathLike | None, *, restore: bool) -> Iterator[torch.nn.Module]:
+def with_adapter(model: torch.nn.Module, adapter: PathLike | None, *, restore: bool,
+                 merge: bool = False) -> Iterator[torch.nn.Module]:
     """``model`` with the PEFT adapter folder ``adapter`` applied (``PeftModel.from_pretrained``).
 
     With ``restore`` (a model object the caller owns) the adapter layers are removed again on
-    exit (``PeftModel.unload``), leaving the caller's model as it was.
+    exit (``PeftModel.unload``), leaving the caller's model as it was. With ``merge`` the adapter
+    is merged into the weights (``merge_and_unload``: the forward pass costs what the base's does);
+    with ``restore`` too, the original weights are copied back bit for bit on exit.
     """
     if adapter is None:
         yield model
@@ -109,11 +112,20 @@ def with_adapter(model: torch.nn.Module, adapter: PathLike | None, *, restore: b
     path = _folder(adapter, "adapter")
     if not (path / "adapter_config.json").is_file():
         raise LataError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()} if merge and restore else None
     try:
         wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except Exception as exc:
         raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {exc})") from None
     wrapped.eval()
+    if merge:
+        merged = wrapped.merge_and_unload()
+        try:
+            yield merged
+        finally:
+            if original is not None:
+                merged.load_state_dict(original)
+        return
     try:
         yield wrapped
     finally:

@@ -69,14 +69,15 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
                 continue
             started = time.perf_counter()
             adapter = combine_for(run, plan, Path(scratch) / "combined")
-            with with_adapter(model, adapter, restore=True) as active:
+            merge = plan["metrics"].get("apply") == "merged"
+            with with_adapter(model, adapter, restore=True, merge=merge) as active:
                 active.eval()
-                metrics = measure(active, tokenizer, probes, plan["metrics"])
-            record = {**run, "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+                measured = measure(active, tokenizer, probes, plan["metrics"])
+            record = {**run, **measured, "seconds": round(time.perf_counter() - started, 1)}
             done[key_of(run)] = record
             replace_text(results_path, json.dumps(list(done.values()), indent=1))
             if progress is not None:
                 progress.advance()
-            values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            values = " ".join(f"{k}={v:.4g}" for k, v in record["metrics"].items())
             print(f"[{index + 1}/{len(grid)}] {key_of(run)} {values} ({record['seconds']}s)", file=sys.stderr,
                   flush=True)

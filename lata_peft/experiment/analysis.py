@@ -1,12 +1,14 @@
 """Reading an experiment's results: selectivity of forgetting, means and spreads over training
-seeds, each method's best lambda, and paired win/tie/loss verdicts of LATA against each baseline."""
+seeds, each method's best lambda (picked on the validation split when the plan has one), and paired
+win/tie/loss verdicts of each compared pair of methods (by default LATA against each baseline)."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
-__all__ = ["BASELINES", "main_records", "summarise", "tuned_lambdas", "verdicts", "with_selectivity"]
+__all__ = ["BASELINES", "comparisons", "main_records", "summarise", "tuned_lambdas", "verdicts",
+           "with_selectivity"]
 
 BASELINES = ("ta", "ties", "dare", "dare_ties")
 
@@ -15,18 +17,22 @@ def with_selectivity(records: list[dict[str, Any]], plan: dict[str, Any]) -> lis
     """Forget settings gain ``selectivity`` = (forgotten NLL - base) / (kept NLL - base): forgetting
     bought per unit of utility lost (higher is better). The setting's ``selectivity: {forgotten, kept}``
     names the two metrics (default ``shout_nll`` and ``instruct_nll``)."""
-    base = next((r["metrics"] for r in records if r["method"] == "base"), None)
+    base = next((r for r in records if r["method"] == "base"), None)
     forget = {s["name"]: s.get("selectivity", {}) for s in plan["settings"] if s["kind"] == "forget"}
     out = []
     for record in records:
         if base and record["setting"] in forget:
-            metrics = record["metrics"]
             forgotten = forget[record["setting"]].get("forgotten", "shout_nll")
             kept = forget[record["setting"]].get("kept", "instruct_nll")
-            damage = metrics[kept] - base[kept]
-            gained = metrics[forgotten] - base[forgotten]
-            selectivity = gained / damage if damage > 1e-9 else float("nan")
-            record = {**record, "metrics": {**metrics, "selectivity": selectivity}}
+            record = dict(record)
+            for split in ("metrics", "validation"):
+                if split not in record or split not in base:
+                    continue
+                metrics, reference = record[split], base[split]
+                damage = metrics[kept] - reference[kept]
+                gained = metrics[forgotten] - reference[forgotten]
+                selectivity = gained / damage if damage > 1e-9 else float("nan")
+                record[split] = {**metrics, "selectivity": selectivity}
         out.append(record)
     return out
 
@@ -53,14 +59,15 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
 
 def tuned_lambdas(records: list[dict[str, Any]], plan: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     """``{(setting, method, metric): lambda}``: each method's best lambda for each goal metric, by the
-    mean over training seeds, among the lambdas run on as many seeds as that method's best-covered one."""
+    mean over training seeds of the *validation* split where records have one (else of the reported
+    metrics), among the lambdas run on as many seeds as that method's best-covered one."""
     best = {}
     for setting in plan["settings"]:
         for method in (m["name"] for m in plan["methods"]):
             runs_ = [r for r in records if r["setting"] == setting["name"] and r["method"] == method]
             by_lambda: dict[float, list[dict[str, float]]] = {}
             for record in runs_:
-                by_lambda.setdefault(record["lambda"], []).append(record["metrics"])
+                by_lambda.setdefault(record["lambda"], []).append(record.get("validation", record["metrics"]))
             if not by_lambda:
                 continue
             coverage = max(len(v) for v in by_lambda.values())
@@ -72,14 +79,23 @@ def tuned_lambdas(records: list[dict[str, Any]], plan: dict[str, Any]) -> dict[t
     return best
 
 
+def comparisons(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """The plan's ``comparisons`` (``[ours, baseline]`` pairs), else every method that is not a
+    baseline against every baseline (``BASELINES``) the plan runs."""
+    if "comparisons" in plan:
+        return [(ours, baseline) for ours, baseline in plan["comparisons"]]
+    names = [m["name"] for m in plan["methods"]]
+    return [(ours, other) for ours in names if ours not in BASELINES for other in names if other in BASELINES]
+
+
 def verdicts(records: list[dict[str, Any]], plan: dict[str, Any], tuned: bool = False) -> list[dict[str, Any]]:
-    """Each LATA method against each baseline, per setting, lambda and goal metric, paired over
-    training seeds: ``win`` if LATA is better on every seed by more than ``tie_tolerance`` (default
+    """Each compared pair (:func:`comparisons`), per setting, lambda and goal metric, paired over
+    training seeds: ``win`` if ``ours`` is better on every seed by more than ``tie_tolerance`` (default
     0.002), ``loss`` if worse on every seed by more than that, else ``tie``. With ``tuned``, each
-    method runs at its own best lambda for the metric (``tuned_lambdas``; lambda reads "best")."""
+    method runs at its own best lambda for the metric (``tuned_lambdas``, picked on the validation split
+    when there is one; lambda reads "best"); the reported values are always the ``metrics`` (test) split."""
     by_key = {(r["train_seed"], r["setting"], r["method"], r["lambda"]): r["metrics"] for r in records}
     best = tuned_lambdas(records, plan) if tuned else {}
-    lata = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
     tolerance = plan.get("tie_tolerance", 2e-3)  # bf16 evaluation moves NLLs by <= 0.0015
 
     def value(train_seed: int, setting: str, method: str, lam: float | str, metric: str) -> float | None:
@@ -91,16 +107,15 @@ def verdicts(records: list[dict[str, Any]], plan: dict[str, Any], tuned: bool = 
         for lam in ["best"] if tuned else plan["lambdas"][setting["kind"]]:
             for metric, goal in setting["goals"].items():
                 sign = 1.0 if goal == "max" else -1.0
-                for ours in lata:
-                    for other in (m["name"] for m in plan["methods"] if m["name"] in BASELINES):
-                        pairs = [(value(t, setting["name"], ours, lam, metric),
-                                  value(t, setting["name"], other, lam, metric)) for t in plan["adapter_sets"]]
-                        diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
-                        if not diffs:
-                            continue
-                        outcome = ("win" if all(d > tolerance for d in diffs)
-                                   else "loss" if all(d < -tolerance for d in diffs) else "tie")
-                        rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "lata": ours,
-                                     "baseline": other, "outcome": outcome, "n": len(diffs),
-                                     "mean_gain": statistics.fmean(diffs)})
+                for ours, other in comparisons(plan):
+                    pairs = [(value(t, setting["name"], ours, lam, metric),
+                              value(t, setting["name"], other, lam, metric)) for t in plan["adapter_sets"]]
+                    diffs = [sign * (a - b) for a, b in pairs if a is not None and b is not None]
+                    if not diffs:
+                        continue
+                    outcome = ("win" if all(d > tolerance for d in diffs)
+                               else "loss" if all(d < -tolerance for d in diffs) else "tie")
+                    rows.append({"setting": setting["name"], "lambda": lam, "metric": metric, "ours": ours,
+                                 "baseline": other, "outcome": outcome, "n": len(diffs),
+                                 "mean_gain": statistics.fmean(diffs)})
     return rows

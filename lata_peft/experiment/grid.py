@@ -15,7 +15,7 @@ __all__ = ["combine_for", "key_of", "runs"]
 
 def runs(plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Every (training seed, setting, method, lambda, seed) to evaluate, plus the references
-    (base, single adapters), lambda = 1 first."""
+    (base, single adapters), lambda = 1 first (within each setting, with ``order: setting``)."""
     train_seeds = list(plan["adapter_sets"])
     grid = [{"train_seed": train_seeds[0], "setting": "reference", "method": "base", "lambda": 0.0, "seed": 0}]
     grid += [{"train_seed": t, "setting": "reference", "method": f"only:{name}", "lambda": 1.0, "seed": t}
@@ -26,8 +26,12 @@ def runs(plan: dict[str, Any]) -> list[dict[str, Any]]:
     dare_only = [{**c, "seed": extra} for c in combos if c["train_seed"] == train_seeds[0]
                  and method_of(plan, c["method"])["method"] in ("dare", "dare_ties")
                  for extra in plan.get("dare_seeds", []) if extra != c["seed"]]
-    # lambda = 1 for every training seed first, then the first seed's lambda grid, then the rest.
-    combos.sort(key=lambda c: (c["lambda"] != 1.0, c["train_seed"] != train_seeds[0]))
+    # lambda = 1 for every training seed first, then the first seed's lambda grid, then the rest;
+    # with ``order: setting``, one setting at a time (each complete over seeds and lambdas before the next).
+    settings = [s["name"] for s in plan["settings"]]
+    by_setting = plan.get("order") == "setting"
+    combos.sort(key=lambda c: (settings.index(c["setting"]) if by_setting else 0, c["lambda"] != 1.0,
+                               c["train_seed"] != train_seeds[0]))
     return grid + combos + dare_only
 
 

@@ -12,6 +12,12 @@ methods: [{name, method, ...combine options}]
 lambdas: {add: [0.5, 1.0], forget: [1.0]}
 limits: {math: 24, code: 16, instruct: 16}
 metrics: {wikitext_tokens: 2048}
+# optional:
+#   metrics.validation: alternate   -> probe examples 1, 3, ... pick lambda; 2, 4, ... are reported
+#   metrics.apply: merged           -> adapters merged into the weights for evaluation (default: LoRA layers)
+#   order: setting                  -> run one setting at a time over all seeds (default: lambda = 1 first)
+#   comparisons: [[ours, baseline]] -> the paired verdicts (default: every non-baseline method against
+#                                      ta, ties, dare and dare_ties)
 ```
 Relative paths are taken from the current folder; ``${VAR}`` expands environment variables.
 """
@@ -27,7 +33,7 @@ import yaml
 from ..errors import LataError, first_line
 from ..models import is_model_folder
 from ..specs import CombineSpec
-from .probes import BUILT_IN, custom_probes
+from .probes import BUILT_IN, VALIDATION_SPLITS, custom_probes
 
 __all__ = ["adapter_paths", "check_inputs", "check_metrics", "check_schema", "load_plan", "method_of", "setting_of"]
 
@@ -59,6 +65,15 @@ def check_schema(plan: Any, path: Path | str) -> None:
         lambdas = plan["lambdas"].get(setting["kind"])
         _need(isinstance(lambdas, list) and all(isinstance(x, (int, float)) for x in lambdas), path,
               f"lambdas.{setting['kind']} must be a list of numbers")
+    metrics = plan["metrics"]
+    _need(metrics.get("validation") in (None, *VALIDATION_SPLITS), path,
+          f"metrics.validation must be one of {', '.join(VALIDATION_SPLITS)}")
+    _need(metrics.get("apply") in (None, "lora", "merged"), path, "metrics.apply must be lora or merged")
+    _need(plan.get("order") in (None, "lambda", "setting"), path, "order must be lambda or setting")
+    names = [m.get("name") for m in plan["methods"] if isinstance(m, dict)]
+    for pair in plan.get("comparisons", []):
+        _need(isinstance(pair, list) and len(pair) == 2 and all(n in names for n in pair), path,
+              f"comparison {pair!r} must be two of the plan's method names")
     for method in plan["methods"]:
         _need(isinstance(method, dict) and isinstance(method.get("name"), str), path, "every method needs a name")
         options = {k: v for k, v in method.items() if k != "name"}

@@ -12,10 +12,10 @@ from ..devices import autocast
 from ..errors import LataError
 from ..evaluate import evaluate
 from ..evaluate.data import data_root
-from ..evaluate.perplexity import answer_nll
+from ..evaluate.perplexity import NLL, answer_nll
 from ..evaluate.prompts import PROBES, alpaca_prompt, probe_records
 
-__all__ = ["BUILT_IN", "custom_probes", "measure", "probe_sets"]
+__all__ = ["BUILT_IN", "VALIDATION_SPLITS", "custom_probes", "measure", "probe_sets"]
 
 BUILT_IN = ("math_nll", "code_nll", "instruct_nll", "shout_nll", "wikitext2_ppl")
 
@@ -66,23 +66,44 @@ def custom_probes(spec: dict[str, dict[str, Any]]) -> dict[str, tuple[list[str],
     return probes
 
 
+VALIDATION_SPLITS = ("alternate",)
+
+
+def _pooled(examples: list[NLL]) -> float:
+    """Mean NLL per token over ``examples``, pooled as :func:`answer_nll` pools all of them."""
+    return NLL(sum(e.total for e in examples), sum(e.tokens for e in examples)).mean
+
+
 def measure(model: Any, tokenizer: Any, probes: dict[str, tuple[list[str], list[str]]],
-            config: dict[str, Any]) -> dict[str, float]:
+            config: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{"metrics": {...}}``: every probe's answer NLL, WikiText-2 perplexity and the optional generation
+    metrics.
+
+    With ``validation: alternate`` each probe's examples split in two disjoint halves: the 1st, 3rd, ...
+    form the *validation* split, which picks each method's lambda, and the 2nd, 4th, ... the *test* split,
+    which is reported: ``{"metrics": test, "validation": validation}``. WikiText-2 and the generation
+    metrics are not split (they are in both).
+    """
     device = next(model.parameters()).device
+    split = config.get("validation")
     with autocast(device, config.get("autocast")):
         batch = config.get("nll_batch", 8)  # a 262k vocabulary (Gemma) makes 8 x 512 fp32 logits 4 GB
-        metrics = {name: answer_nll(model, tokenizer, p, a, batch_size=batch, max_length=512).mean
-                   for name, (p, a) in probes.items()}
+        nlls = {name: answer_nll(model, tokenizer, p, a, batch_size=batch, max_length=512).per_example
+                for name, (p, a) in probes.items()}
+        shared = {}
         wikitext = evaluate(model, "wikitext2", tokenizer=tokenizer, limit=config["wikitext_tokens"],
                             max_length=512, stride=256, batch_size=4)
-        metrics["wikitext2_ppl"] = wikitext["metrics"]["perplexity"]
+        shared["wikitext2_ppl"] = wikitext["metrics"]["perplexity"]
         if config.get("gsm8k_generate"):
             result = evaluate(model, "gsm8k", tokenizer=tokenizer, limit=config["gsm8k_generate"],
                               batch_size=config.get("generate_batch", 8),
                               max_new_tokens=config.get("max_new_tokens", 256))
-            metrics["gsm8k_em"] = result["metrics"]["exact_match"]
+            shared["gsm8k_em"] = result["metrics"]["exact_match"]
         if config.get("humaneval_generate"):
             result = evaluate(model, "humaneval", tokenizer=tokenizer, limit=config["humaneval_generate"],
                               batch_size=config.get("generate_batch", 8))
-            metrics["humaneval_pass1"] = result["metrics"]["pass@1"]
-    return metrics
+            shared["humaneval_pass1"] = result["metrics"]["pass@1"]
+    if split is None:
+        return {"metrics": {**{name: _pooled(per) for name, per in nlls.items()}, **shared}}
+    return {"metrics": {**{name: _pooled(per[1::2]) for name, per in nlls.items()}, **shared},
+            "validation": {**{name: _pooled(per[0::2]) for name, per in nlls.items()}, **shared}}

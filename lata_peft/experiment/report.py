@@ -4,11 +4,12 @@ between markers into the report file, and the plots beside it."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ..outputs import replace_text
-from .analysis import BASELINES, main_records, summarise, verdicts, with_selectivity
+from .analysis import comparisons, main_records, summarise, tuned_lambdas, verdicts, with_selectivity
 from .plan import adapter_paths, method_of
 
 __all__ = ["markdown", "write_report"]
@@ -91,30 +92,80 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], summary: dict[
             lines.append(f"| {setting} | {method} | {lam} | "
                          + " | ".join(cell(values.get(m)) for m in metrics) + " |")
 
+    split = any("validation" in r for r in main)
+    if split:
+        lines += ["", *tuned_table(plan, main)]
     rows = verdicts(main, plan) + verdicts(main, plan, tuned=True)
     if rows:
-        baselines = [m["name"] for m in plan["methods"] if m["name"] in BASELINES]
-        ours = [m["name"] for m in plan["methods"] if m["name"] not in BASELINES]
-        lines += ["", "LATA against each baseline, paired over the training seeds in the `seeds` column (win: "
-                  f"better on every seed by more than {plan.get('tie_tolerance', 2e-3):g}; loss: worse on every seed "
-                  "by more than that; else tie). Lambda `best`: each method at its own best lambda for that "
-                  "metric (mean over seeds), as merge methods are usually compared. Count of win / tie / loss "
-                  "over the baselines " + ", ".join(baselines) + ":", "",
-                  "| setting | lambda | metric | seeds | " + " | ".join(ours) + " |",
-                  "| --- | --- | --- | --- | " + " | ".join("---" for _ in ours) + " |"]
-        groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
-        for row in rows:
-            groups.setdefault((row["setting"], row["lambda"], row["metric"]), []).append(row)
-        for (setting, lam, metric), group in groups.items():
-            seeds = sorted({row["n"] for row in group})
-            cells = []
-            for name in ours:
-                outcomes = [row["outcome"] for row in group if row["lata"] == name]
-                cells.append(f"{outcomes.count('win')} / {outcomes.count('tie')} / {outcomes.count('loss')}"
-                             if outcomes else "-")
-            lines.append(f"| {setting} | {lam} | {metric} | {'-'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+        lines += ["", *verdict_table(plan, rows, split)]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(lines) + "\n"
+
+
+def tuned_table(plan: dict[str, Any], main: list[dict[str, Any]]) -> list[str]:
+    """Each method at the lambda its validation split picks (per goal metric), its *test* value:
+    mean ± standard deviation over training seeds, with the picked lambda."""
+    best = tuned_lambdas(main, plan)
+    by_key: dict[tuple[str, str, float], list[dict[str, float]]] = {}
+    for record in main:
+        by_key.setdefault((record["setting"], record["method"], record["lambda"]), []).append(record["metrics"])
+    lines = ["Test split at the lambda picked on the validation split (probe examples 1, 3, ... pick lambda; "
+             "2, 4, ... are reported here), mean ± standard deviation over training seeds, picked lambda in "
+             "brackets:", ""]
+    for setting in plan["settings"]:
+        goals = list(setting["goals"])
+        lines += [f"| {setting['name']} | " + " | ".join(f"{g} ({setting['goals'][g]})" for g in goals) + " |",
+                  "| --- | " + " | ".join("---" for _ in goals) + " |"]
+        for method in (m["name"] for m in plan["methods"]):
+            cells = []
+            for metric in goals:
+                lam = best.get((setting["name"], method, metric))
+                values = [m[metric] for m in by_key.get((setting["name"], method, lam), []) if metric in m]
+                if not values:
+                    cells.append("-")
+                    continue
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                cells.append(f"{statistics.fmean(values):.4f} ± {spread:.4f} (λ={lam:g})")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def verdict_table(plan: dict[str, Any], rows: list[dict[str, Any]], split: bool) -> list[str]:
+    """Win / tie / loss of each compared pair, per setting, lambda and goal metric. A column whose method
+    has one baseline shows that verdict and its mean gain; otherwise the counts over its baselines."""
+    pairs = comparisons(plan)
+    ours = list(dict.fromkeys(a for a, _ in pairs))
+    against = {name: [b for a, b in pairs if a == name] for name in ours}
+    header = [f"{name} vs {against[name][0]}" if len(against[name]) == 1 else name for name in ours]
+    picked = "on the validation split" if split else "by the mean over seeds of the reported values"
+    counted = sorted({b for _, b in pairs})
+    lines = ["Paired verdicts over the training seeds in the `seeds` column (win: better on every seed by more "
+             f"than {plan.get('tie_tolerance', 2e-3):g}; loss: worse on every seed by more than that; else tie; "
+             f"mean gain in brackets, positive = better). Lambda `best`: each method at its own best lambda for "
+             f"that metric, picked {picked}."
+             + ("" if all(len(v) == 1 for v in against.values())
+                else " Count of win / tie / loss over the baselines " + ", ".join(counted) + "."), "",
+             "| setting | lambda | metric | seeds | " + " | ".join(header) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in header) + " |"]
+    groups: dict[tuple[str, Any, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["setting"], row["lambda"], row["metric"]), []).append(row)
+    for (setting, lam, metric), group in groups.items():
+        seeds = sorted({row["n"] for row in group})
+        cells = []
+        for name in ours:
+            mine = [row for row in group if row["ours"] == name]
+            outcomes = [row["outcome"] for row in mine]
+            if not mine:
+                cells.append("-")
+            elif len(against[name]) == 1:
+                cells.append(f"{mine[0]['outcome']} ({mine[0]['mean_gain']:+.4f})")
+            else:
+                cells.append(f"{outcomes.count('win')} / {outcomes.count('tie')} / {outcomes.count('loss')}")
+        lines.append(f"| {setting} | {lam} | {metric} | {'-'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(plan: dict[str, Any], results_path: Path, out: Path) -> None:
