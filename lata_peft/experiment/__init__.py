@@ -26,7 +26,7 @@ from ..outputs import replace_text
 from ..progress import Progress
 from ..specs import CompareSpec
 from .grid import combine_for, key_of, runs
-from .plan import check_inputs, load_plan
+from .plan import check_inputs, load_plan, setting_of
 from .probes import custom_probes, measure, probe_sets
 from .report import write_report
 
@@ -48,6 +48,19 @@ def run_compare(spec: CompareSpec, progress: Progress | None = None) -> dict[str
     write_report(plan, results, report)
     return {"plan": spec.plan, "runs": len(json.loads(results.read_text())), "results": str(results),
             "report": str(report)}
+
+
+def probes_for(plan: dict[str, Any], setting: str, probes: dict[str, Any]) -> dict[str, Any]:
+    """The probes a run measures: all of them, or with ``metrics.measure: goals`` only those a
+    combination's setting scores (its goals and its selectivity's two metrics); references measure all."""
+    if plan["metrics"].get("measure", "all") == "all" or setting == "reference":
+        return probes
+    chosen = setting_of(plan, setting)
+    needed = set(chosen["goals"])
+    if chosen["kind"] == "forget":  # selectivity's two metrics (analysis.with_selectivity's defaults)
+        selectivity = chosen.get("selectivity", {})
+        needed |= {selectivity.get("forgotten", "shout_nll"), selectivity.get("kept", "instruct_nll")}
+    return {name: pair for name, pair in probes.items() if name in needed}
 
 
 def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | None = None,
@@ -72,7 +85,7 @@ def run_grid(plan: dict[str, Any], results_path: Path, lambdas: list[float] | No
             merge = plan["metrics"].get("apply") == "merged"
             with with_adapter(model, adapter, restore=True, merge=merge) as active:
                 active.eval()
-                measured = measure(active, tokenizer, probes, plan["metrics"])
+                measured = measure(active, tokenizer, probes_for(plan, run["setting"], probes), plan["metrics"])
             record = {**run, **measured, "seconds": round(time.perf_counter() - started, 1)}
             done[key_of(run)] = record
             replace_text(results_path, json.dumps(list(done.values()), indent=1))

@@ -15,6 +15,7 @@ metrics: {wikitext_tokens: 2048}
 # optional:
 #   metrics.validation: alternate   -> probe examples 1, 3, ... pick lambda; 2, 4, ... are reported
 #   metrics.apply: merged           -> adapters merged into the weights for evaluation (default: LoRA layers)
+#   metrics.measure: goals          -> combinations measure only their setting's goal probes (default: all)
 #   order: setting                  -> run one setting at a time over all seeds (default: lambda = 1 first)
 #   comparisons: [[ours, baseline]] -> the paired verdicts (default: every non-baseline method against
 #                                      ta, ties, dare and dare_ties)
@@ -69,6 +70,7 @@ def check_schema(plan: Any, path: Path | str) -> None:
     _need(metrics.get("validation") in (None, *VALIDATION_SPLITS), path,
           f"metrics.validation must be one of {', '.join(VALIDATION_SPLITS)}")
     _need(metrics.get("apply") in (None, "lora", "merged"), path, "metrics.apply must be lora or merged")
+    _need(metrics.get("measure") in (None, "all", "goals"), path, "metrics.measure must be all or goals")
     _need(plan.get("order") in (None, "lambda", "setting"), path, "order must be lambda or setting")
     names = [m.get("name") for m in plan["methods"] if isinstance(m, dict)]
     for pair in plan.get("comparisons", []):
