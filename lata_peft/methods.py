@@ -15,7 +15,10 @@ direction that is actually applied.
   TIES' sign election and disjoint mean (``dare_ties``). Seeded per module.
 
 These follow ``peft.utils.merge_utils`` (the tests check agreement on the same tensors),
-with an explicit ``torch.Generator`` so DARE is deterministic.
+with an explicit ``torch.Generator`` so DARE is deterministic. ``ties``, ``dare`` and ``dare_ties``
+also take ``convention=mergekit``: mergekit 0.1.5's rule (:func:`_mergekit_rule`; signed weights, signs
+elected on the weighted deltas, its ``normalize`` and ``rescale`` switches as parameters, DARE's mask
+drawn from the same generator), checked against mergekit itself in ``tests/test_mergekit_convention.py``.
 
 Subspace methods (:mod:`lata_peft.subspace_methods`, core space only): ``tsv`` (TSV-Merge,
 Gargiulo et al. 2025), ``iso_c`` and ``iso_cts`` (Marczak et al. 2025). A method declares its own
@@ -74,31 +77,73 @@ def elect_and_merge(deltas: torch.Tensor, weights: torch.Tensor, sign_method: st
     return total / agree.sum(0).clamp(min=1)
 
 
-def _ties_mergekit(deltas, weights, density, generator, sign_method):
-    """TIES as mergekit 0.1.5 computes it (``merge_methods/generalized_task_arithmetic.py``, ``merge_group``;
-    ``sparsify.magnitude``): keep the ``max(1, int(density n))`` largest |entries| of each ``tau_t``,
-    ``X_t = w_t trimmed_t`` with the *signed* weights, majority sign of ``sum_t X_t`` ("total", mergekit's
-    ``sum``) or of ``sum_t sign(X_t)`` ("frequency", ``count``), ``mask_t = [sign X_t == majority]``, result
-    ``sum_t X_t mask_t / sum_t w_t mask_t`` (a zero divisor counts as 1; mergekit's ``normalize: true``)."""
-    flat = deltas.reshape(deltas.shape[0], -1)
-    keep = max(1, int(density * flat.shape[1])) if density < 1.0 else flat.shape[1]
-    mask = torch.zeros_like(flat)
-    mask.scatter_(1, flat.abs().topk(keep, dim=1).indices, 1.0)
-    X = _weighted((flat * mask).reshape(deltas.shape), weights)
-    signs = X.sign()
-    votes = X.sum(0) if sign_method == "total" else signs.sum(0)
-    majority = torch.where(votes >= 0, 1.0, -1.0).to(X.dtype)
-    agree = (signs == majority).to(X.dtype)
-    divisor = _weighted(agree, weights).sum(0)
-    divisor[divisor == 0] = 1
-    return (X * agree).sum(0) / divisor
+def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.Generator, random: bool,
+                         rescale: bool) -> torch.Tensor:
+    """mergekit 0.1.5's sparsification of each ``tau_t`` (``sparsify.py``). ``random=False``: ``magnitude``,
+    keep the ``max(1, int(density n))`` largest |entries|; ``True``: ``bernoulli``, keep each entry with
+    probability ``density`` (the mask drawn in float32, as mergekit does on the CPU, from ``generator`` where
+    mergekit uses torch's global one). ``rescale`` (``rescaled_masked_tensor``, ``RescaleNorm.l1``): the kept
+    entries times ``|tau_t|_1 / |kept_t|_1``, left as they are when either norm is below 1e-7. Not
+    ``1 / density``: that is PEFT's DARE."""
+    if density >= 1.0:
+        return deltas
+    flat = deltas.reshape(deltas.shape[0], -1)  # (k, out*in)
+    if random:
+        mask = torch.stack([torch.bernoulli(torch.full(flat.shape[1:], density, dtype=torch.float32),
+                                            generator=generator) for _ in flat]).to(flat)
+    else:
+        mask = torch.zeros_like(flat)
+        mask.scatter_(1, flat.abs().topk(max(1, int(density * flat.shape[1])), dim=1).indices, 1.0)
+    kept = flat * mask
+    if rescale:
+        before, after = flat.abs().sum(1, keepdim=True), kept.abs().sum(1, keepdim=True)  # (k, 1)
+        kept = kept * torch.where((before < 1e-7) | (after < 1e-7), 1.0, before / after)
+    return kept.reshape(deltas.shape)
 
 
-_ties_mergekit.signed_weights = True  # type: ignore[attr-defined]
+def _mergekit_rule(deltas, weights, density, generator, sign_method, *, random: bool, consensus: bool,
+                   normalize: bool, rescale: bool):
+    """A method as mergekit 0.1.5 computes it (``merge_methods/generalized_task_arithmetic.py``,
+    ``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``). ``X_t = w_t sparsified_t`` with the
+    *signed* weights (:func:`_mergekit_sparsified`). With ``consensus`` (TIES, DARE-TIES): majority sign of
+    ``sum_t X_t`` ("total", mergekit's ``sum``) or of ``sum_t sign(X_t)`` ("frequency", ``count``),
+    ``mask_t = [sign X_t == majority]``, merged ``sum_t X_t mask_t``, divisor ``sum_t w_t mask_t`` (0 -> 1).
+    Without (DARE, mergekit's ``dare_linear``): merged ``sum_t X_t``, divisor ``sum_t w_t`` (|.| < 1e-8 -> 1).
+    ``normalize``: the result is merged / divisor, else merged."""
+    X = _weighted(_mergekit_sparsified(deltas, density, generator, random, rescale), weights)
+    if consensus:
+        signs = X.sign()
+        votes = X.sum(0) if sign_method == "total" else signs.sum(0)
+        agree = (signs == torch.where(votes >= 0, 1.0, -1.0).to(X.dtype)).to(X.dtype)  # (k, out, in)
+        merged, divisor = (X * agree).sum(0), _weighted(agree, weights).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        merged, divisor = X.sum(0), weights.sum()
+        divisor = divisor if divisor.abs() >= 1e-8 else torch.ones_like(divisor)
+    return merged / divisor if normalize else merged
 
 
-def _ties_by_convention(convention: str = "peft") -> DenseMerge:
-    return _ties_mergekit if convention == "mergekit" else _ties
+def _by_convention(name: str, peft_rule: DenseMerge, *, random: bool, consensus: bool, default_normalize: bool,
+                   default_rescale: bool) -> Callable[..., DenseMerge]:
+    """``make`` of a method with both conventions. ``default_normalize``, ``default_rescale``: mergekit's
+    defaults for the method (``mergekit/merge_methods/registry.py``)."""
+
+    def make(convention: str = "peft", normalize: str | None = None, rescale: str | None = None) -> DenseMerge:
+        if convention == "peft":
+            if normalize is not None or rescale is not None:
+                from .errors import LataError
+
+                raise LataError(f"{name}: normalize and rescale are mergekit's switches: add --param convention="
+                                "mergekit (PEFT's rule has neither: its TIES always divides by the agreeing count, "
+                                "its DARE always divides the kept entries by density)")
+            return peft_rule
+        rule = functools.partial(_mergekit_rule, random=random, consensus=consensus,
+                                 normalize=default_normalize if normalize is None else normalize == "true",
+                                 rescale=default_rescale if rescale is None else rescale == "true")
+        rule.signed_weights = True  # type: ignore[attr-defined]
+        return rule
+
+    return make
 
 
 def _magnitude(deltas, weights, density, generator, sign_method):
@@ -160,15 +205,30 @@ class Method:
         return replace(self, dense=dense, signed=getattr(dense, "signed_weights", False))
 
 
+_CONVENTION_PARAMS = (
+    MethodParam("convention", "peft", "peft: peft.utils.merge_utils' rule, signs elected on unweighted deltas, "
+                "mean over the agreeing count, DARE rescaled by 1/density; mergekit: mergekit 0.1.5's, signed "
+                "weights, signs elected on weighted deltas, then normalize and rescale", choices=("peft", "mergekit")),
+    MethodParam("normalize", None, "convention=mergekit only: divide by the sum of the agreeing weights (all "
+                "weights for dare); mergekit's default: true for ties, false for dare, dare_ties",
+                choices=("true", "false")),
+    MethodParam("rescale", None, "convention=mergekit only: scale each sparsified task vector back to its L1 norm; "
+                "mergekit's default: false for ties, true for dare, dare_ties", choices=("true", "false")),
+)
+"""The parameters of the methods with a mergekit convention (``ties``, ``dare``, ``dare_ties``)."""
+
 METHODS: dict[str, Method] = {
     "ta": Method("ta", None, "task arithmetic: exact factored weighted sum"),
     "magnitude": Method("magnitude", _magnitude, "magnitude pruning of each task vector, then weighted sum"),
-    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", (
-        MethodParam("convention", "peft", "peft: signs elected on unweighted deltas, mean over the agreeing "
-                    "count (peft.utils.merge_utils); mergekit: on weighted deltas, divided by the agreeing weights "
-                    "(mergekit 0.1.5)", choices=("peft", "mergekit")),), make=_ties_by_convention),
-    "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum"),
-    "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election"),
+    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", _CONVENTION_PARAMS,
+                   make=_by_convention("ties", _ties, random=False, consensus=True, default_normalize=True,
+                                       default_rescale=False)),
+    "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum", _CONVENTION_PARAMS,
+                   make=_by_convention("dare", _dare, random=True, consensus=False, default_normalize=False,
+                                       default_rescale=True)),
+    "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election", _CONVENTION_PARAMS,
+                        make=_by_convention("dare_ties", _dare_ties, random=True, consensus=True,
+                                            default_normalize=False, default_rescale=True)),
 }
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .combine import RankPolicy
+from .devices import DEVICES, resolve_device
 from .dtypes import DTYPES
 from .errors import LataError
-from .methods import METHOD_NAMES, METHODS, SIGN_METHODS, SPACES, Method, parse_params
+from .methods import METHOD_NAMES, METHODS, SIGN_METHODS, SPACES, Method, MethodParam, parse_params
 from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
@@ -27,8 +28,20 @@ def _allow_pickle() -> bool:
     return option(False, "Read pickled adapter_model.bin weights (with torch's weights_only=True).")
 
 
+def _device() -> str:
+    return option("cpu", "Where the maths runs: cpu | cuda | auto (cuda when a GPU is visible); files are read "
+                         "and written from the CPU.")
+
+
 def _overwrite() -> bool:
     return option(False, "Replace an existing output folder (only one that lata-peft wrote).")
+
+
+def _check_device(name: str) -> None:
+    """A known device name, and for ``cuda`` a visible GPU: refused before anything is read or written."""
+    if name not in DEVICES:
+        raise LataError(f"--device {name!r}: expected one of {', '.join(DEVICES)}")
+    resolve_device(name)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class ScoringSpec(Spec):
     base: str | None = option(None, "Base model folder (or hub id), read tensor by tensor: full trained weights "
                                     "(modules_to_save, biases) become task vectors saved - base, DoRA modules "
                                     "m (W + sBA) / ||W + sBA|| - W; both count in LATA's scores.", path=True)
+    device: str = _device()
 
     @property
     def weighting(self) -> LayerWeighting:
@@ -65,6 +79,18 @@ class ScoringSpec(Spec):
             raise LataError(f"--granularity {self.granularity!r}: expected 'block' or 'module'")
         if self.instruction is not None and self.instruction_from is not None:
             raise LataError("give --instruction or --instruction-from, not both")
+        _check_device(self.device)
+
+
+def _params_help() -> str:
+    """``ties, dare, dare_ties: convention (...), ...; iso_c: alpha (...)``: methods declaring the same parameters
+    share one entry."""
+    names: dict[tuple[MethodParam, ...], list[str]] = {}
+    for method in METHODS.values():
+        if method.params:
+            names.setdefault(method.params, []).append(method.name)
+    return "; ".join(", ".join(methods) + ": " + ", ".join(f"{p.name} ({p.help})" for p in params)
+                     for params, methods in names.items())
 
 
 @dataclass(frozen=True)
@@ -95,9 +121,8 @@ class CombineSpec(ScoringSpec):
                             key="4bit")
     space: str = option("core", "Where element-wise methods merge: core (exact on the factors' core matrices, "
                                 "Panariello et al. 2025) | full (dense per module, as PEFT and mergekit).")
-    params: tuple[str, ...] = option((), "Method parameter NAME=VALUE (repeatable): " + "; ".join(
-        f"{m.name}: " + ", ".join(f"{p.name} ({p.help})" for p in m.params) for m in METHODS.values() if m.params)
-        + ".", flags=("--param",))
+    params: tuple[str, ...] = option((), "Method parameter NAME=VALUE (repeatable): " + _params_help() + ".",
+                                     flags=("--param",))
     target: str = option("peft", "Serving engine the adapter is written for: " + " | ".join(TARGETS)
                          + " (not peft: one rank for every module, lora_alpha = r; docs/SERVING.md).")
 
@@ -200,10 +225,12 @@ class FoldSpec(Spec):
     compute_dtype: str | None = option(None, "NF4 compute dtype (default: the base dtype).")
     double_quant: bool | None = option(None, "Quantise the NF4 scales too (default: the base's, else yes).")
     quant_storage: str | None = option(None, "Storage dtype of packed NF4 weights (default uint8).")
+    device: str = _device()
     allow_pickle: bool = _allow_pickle()
     overwrite: bool = _overwrite()
 
     def check(self) -> None:
+        _check_device(self.device)
         for name in ("adapter", "base", "out"):
             if not getattr(self, name):
                 raise LataError(f"fold needs {'an adapter' if name == 'adapter' else '--' + name}")

@@ -1,44 +1,82 @@
-"""``--method ties --param convention=mergekit`` against mergekit 0.1.5 itself on the same tensors: weights
-1, 3 and 0.5, a negative weight, both sign elections; and end to end in full space, where PEFT's merge of
-our output equals mergekit's ``ties`` on PEFT's own dense deltas. The default (PEFT) convention differs
-from mergekit's once the weights are unequal: both are kept, and the difference is asserted."""
+"""``--param convention=mergekit`` against mergekit 0.1.5 itself on the same tensors: TIES, DARE (mergekit's
+``dare_linear``) and DARE-TIES with weights 1, 3 and 0.5, a negative weight, both sign elections, and every
+setting of mergekit's ``normalize`` / ``rescale`` switches; and all three end to end in full space, where
+PEFT's merge of our output equals mergekit's method on PEFT's own dense deltas. The default (PEFT) convention
+differs from mergekit's once the weights are unequal: both are kept, and the difference is asserted.
+
+mergekit draws DARE's mask from torch's global generator; the tests set that generator to the state of the
+``torch.Generator`` our DARE is given, so both sides draw the same mask."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import peft_delta_weights
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import TensorGroup
-from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod, GeneralizedTaskArithmeticMerge
-from mergekit.sparsify import SparsificationMethod
+from mergekit.merge_methods.generalized_task_arithmetic import ConsensusMethod
 from peft import PeftModel
 
 import lata_peft
+from lata_peft.errors import LataError
 from lata_peft.methods import METHODS, merge_terms, module_generator, parse_params
 
-MERGEKIT_COUNT_TIES = GeneralizedTaskArithmeticMerge(
-    consensus_method=ConsensusMethod.count, sparsification_method=SparsificationMethod.magnitude,
-    default_normalize=True, default_rescale=False, method_name="ties_count", method_pretty_name="TIES (count)",
-    method_reference_url="https://arxiv.org/abs/2306.01708")
+
+def _count_variant(name: str):
+    """mergekit's ``name`` with the ``count`` consensus (mergekit registers only the ``sum`` one)."""
+    return replace(registry.get(name), consensus_method=ConsensusMethod.count, method_name=f"{name}_count")
+
+
+MERGEKIT = {("ties", "total"): registry.get("ties"), ("ties", "frequency"): _count_variant("ties"),
+            ("dare_ties", "total"): registry.get("dare_ties"), ("dare_ties", "frequency"): _count_variant("dare_ties"),
+            ("dare", "total"): registry.get("dare_linear"), ("dare", "frequency"): registry.get("dare_linear")}
+
+
+def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str,
+                   generator: torch.Generator | None = None, **switches: bool) -> torch.Tensor:
+    """mergekit's own ``name`` on task vectors ``taus`` (a zero base, so each model is its task vector), its
+    ``normalize`` / ``rescale`` at mergekit's defaults unless given; torch's global generator starts from
+    ``generator``'s state."""
+    method = MERGEKIT[name, sign_method]
+    settings = {param.name: param.default for param in method.spec.parameters if param.name in ("normalize", "rescale")}
+    group = TensorGroup.from_tensors([torch.zeros_like(taus[0]), *taus], base_index=0)
+    ids = [entry.id for entry in group.non_base]
+    with torch.random.fork_rng():
+        if generator is not None:
+            torch.set_rng_state(generator.get_state())
+        return method.merge_group(group, density=dict.fromkeys(ids, density),
+                                  weight=dict(zip(ids, weights, strict=True)), int8_mask=False,
+                                  **{**settings, **switches, "lambda": 1.0})
 
 
 def mergekit_ties(taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str) -> torch.Tensor:
-    """mergekit's own TIES on task vectors ``taus`` (a zero base, so each model is its task vector)."""
-    method = registry.get("ties") if sign_method == "total" else MERGEKIT_COUNT_TIES
-    group = TensorGroup.from_tensors([torch.zeros_like(taus[0]), *taus], base_index=0)
-    ids = [entry.id for entry in group.non_base]
-    return method.merge_group(group, density=dict.fromkeys(ids, density), weight=dict(zip(ids, weights, strict=True)),
-                              normalize=True, rescale=False, int8_mask=False, **{"lambda": 1.0})
+    return mergekit_merge("ties", taus, weights, density, sign_method)
+
+
+def ours(name: str, taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str,
+         generator: torch.Generator, params: tuple[str, ...] = ("convention=mergekit",)) -> torch.Tensor:
+    method = METHODS[name]
+    return merge_terms(list(zip(weights, taus, strict=True)), method.bind(parse_params(method, params)), density,
+                       generator, sign_method)
+
+
+def task_vectors(dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(24, 17, generator=generator, dtype=dtype) for _ in range(3)]
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within 1e-6 of the largest entry: mergekit masks and rescales DARE in float32 on the CPU."""
+    assert float((got - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
 
 
 @pytest.mark.parametrize("sign_method", ["total", "frequency"])
 @pytest.mark.parametrize("weights", [[1.0, 3.0, 0.5], [1.0, -0.7, 0.5], [1.0, 1.0, 1.0]])
 def test_mergekit_convention_is_mergekit(weights: list[float], sign_method: str) -> None:
-    generator = torch.Generator().manual_seed(3)
-    taus = [torch.randn(24, 17, generator=generator, dtype=torch.float64) for _ in range(3)]
+    taus = task_vectors()
     ties = METHODS["ties"]
     ours = merge_terms(list(zip(weights, taus, strict=True)), ties.bind(parse_params(ties, ["convention=mergekit"])),
                        0.4, module_generator(0, "m"), sign_method)
@@ -50,15 +88,62 @@ def test_mergekit_convention_is_mergekit(weights: list[float], sign_method: str)
         assert float((peft_convention - expected).norm()) > 0.05 * float(expected.norm())
 
 
-def test_full_space_output_is_mergekit_ties_on_peft_deltas(tmp_path, base, adapters) -> None:
-    names, weights = ("plain", "rank8", "patterns"), [1.0, 3.0, 0.5]
-    lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method="ties", space="full", weights=weights,
-                      density=0.5, rank=64, params=["convention=mergekit"])
+@pytest.mark.parametrize(("name", "sign_method"), [("dare", "total"), ("dare_ties", "total"),
+                                                   ("dare_ties", "frequency")])
+@pytest.mark.parametrize("weights", [[1.0, 3.0, 0.5], [1.0, -0.7, 0.5]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mergekit_dare_is_mergekit(name: str, sign_method: str, weights: list[float], dtype: torch.dtype) -> None:
+    taus = task_vectors(dtype)
+    got = ours(name, taus, weights, 0.4, sign_method, module_generator(7, "m"))
+    expected = mergekit_merge(name, taus, weights, 0.4, sign_method, module_generator(7, "m"))
+    assert_close(got, expected)
+    # the shared mask is what makes them agree: another draw is a different merge
+    other_mask = mergekit_merge(name, taus, weights, 0.4, sign_method, module_generator(8, "m"))
+    assert float((other_mask - expected).norm()) > 0.05 * float(expected.norm())
+    # PEFT's convention (on float32 it draws the same mask, and still rescales by 1/density, not the L1 ratio)
+    peft_convention = ours(name, taus, weights, 0.4, sign_method, module_generator(7, "m"), ())
+    assert float((peft_convention - expected).norm()) > 0.01 * float(expected.norm())
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_normalize_and_rescale_switch_as_in_mergekit(name: str, normalize: bool, rescale: bool) -> None:
+    taus, weights = task_vectors(), [1.0, -0.7, 0.5]
+    switches = (f"normalize={str(normalize).lower()}", f"rescale={str(rescale).lower()}")
+    got = ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), ("convention=mergekit", *switches))
+    expected = mergekit_merge(name, taus, weights, 0.4, "total", module_generator(1, "m"), normalize=normalize,
+                              rescale=rescale)
+    assert_close(got, expected)
+    default = mergekit_merge(name, taus, weights, 0.4, "total", module_generator(1, "m"))
+    settings = {p.name: p.default for p in MERGEKIT[name, "total"].spec.parameters}
+    if (normalize, rescale) != (settings["normalize"], settings["rescale"]):  # the switches do change the merge
+        assert float((got - default).norm()) > 1e-3 * float(default.norm())
+    else:  # and their defaults are mergekit's
+        assert_close(ours(name, taus, weights, 0.4, "total", module_generator(1, "m")), default)
+
+
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("switch", ["normalize=true", "rescale=false"])
+def test_switches_are_refused_under_the_peft_convention(name: str, switch: str) -> None:
+    method = METHODS[name]
+    with pytest.raises(LataError, match="convention=mergekit"):
+        method.bind(parse_params(method, [switch]))
+    with pytest.raises(LataError, match="true, false"):
+        parse_params(method, ["normalize=yes"])
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
+def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, method: str) -> None:
+    names, weights = ("plain", "rank8", "patterns"), [1.0, -3.0, 0.5]
+    lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method=method, space="full", weights=weights,
+                      density=0.5, rank=64, seed=5, params=["convention=mergekit"])
     merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
                   .named_parameters())
     original = dict(base.named_parameters())
     deltas = [peft_delta_weights(base, adapters[n]) for n in names]
     for key in deltas[0]:
-        expected = mergekit_ties([d[key] for d in deltas], weights, 0.5, "total")
-        got = (merged[key] - original[key]).double()
+        module = key.removesuffix(".weight")  # DARE's mask: the generator of this module and seed
+        expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module))
+        got = (merged[key] - original[key]).detach().double()
         assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
