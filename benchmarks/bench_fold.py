@@ -367,10 +367,10 @@ def child_errors(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         getattr(lora, side)[label].weight.data = handles[name].get_tensor(name).float()
                     lora.merge(adapter_names=[label])
                     weight = lora.get_base_layer().weight.data
-            exact_norm = float(weight.norm())
+            exact_norm = float(weight.double().norm())  # float64: a float32 norm of 58M entries is off by ~1e-3
             row = {"module": module}
             for side, handles in outputs.items():
-                error = float((dequantized(handles, key) - weight).norm())
+                error = float((dequantized(handles, key).double() - weight.double()).norm())
                 row[side] = error / exact_norm
                 sums[side][0] += error**2
                 sums[side][1] += exact_norm**2

@@ -28,34 +28,51 @@ COPY_CHUNK = 64 * 1024**2
 
 
 class TensorFile:
-    """One safetensors file, opened per read so no mapping of it outlives one tensor.
+    """One safetensors file, read one tensor at a time with plain reads, never memory-mapped.
 
-    Keeping a ``safe_open`` handle for a whole multi-GB shard leaves every page read so far
-    mapped into the process (resident, though reclaimable), which doubled peak RSS.
+    A mapping of a multi-GB shard leaves every page read through it resident in the process
+    (file-backed RSS), and a mapped tensor cloned into memory is held twice while it is copied;
+    reading a tensor's bytes straight into its own buffer holds it once.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            with safe_open(path, framework="pt") as handle:
+            with safe_open(path, framework="pt") as handle:  # validates the header and the data offsets
                 self.keys = set(handle.keys())
                 self.nbytes = {key: _nbytes(handle.get_slice(key)) for key in self.keys}
-        except (SafetensorError, OSError) as exc:
+            with path.open("rb") as file:
+                length = int.from_bytes(file.read(8), "little")
+                self._header = json.loads(file.read(length))
+        except (SafetensorError, OSError, ValueError) as exc:
             raise LataError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+        self._data_start = 8 + length
 
     def location(self, key: str) -> tuple[dict, int]:
         """``({"dtype", "shape", "data_offsets"}, start of the data section)`` of ``key`` from the file's header
         (safetensors format: an 8-byte little-endian header length, the JSON header, then the data)."""
-        with self.path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length))
-        return header[key], 8 + length
+        return self._header[key], self._data_start
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        with safe_open(self.path, framework="pt") as handle:
-            return handle.get_tensor(key).clone()
+        """``key``'s tensor in a buffer of its own, read from the file with one ``readinto``."""
+        entry, data_start = self.location(key)
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        with self.path.open("rb", buffering=0) as file:
+            file.seek(data_start + begin)
+            view, done = memoryview(buffer.numpy()), 0
+            while done < len(view):
+                read = file.readinto(view[done:])
+                if not read:
+                    raise LataError(f"{self.path}: truncated safetensors file ({key} ends past the end of the file)")
+                done += read
+        return buffer.view(_TORCH_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
