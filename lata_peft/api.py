@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from . import pipeline
 from .adapter import load_adapter
 from .combine import Combination
+from .devices import resolve_device
 from .dtypes import parse_dtype
 from .emit import emit_adapter, emit_folded
 from .fold import QuantOptions
@@ -83,7 +84,7 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
     spec = _spec(CombineSpec, {"adapters": spec, "out": out}, options)
     inputs = pipeline.load(spec)
     pipeline.check(inputs, strict=spec.strict)
-    weights = pipeline.weight(pipeline.score(inputs, spec.granularity), spec) if spec.uses_lata else None
+    weights = pipeline.weight(pipeline.score(inputs, spec.granularity, spec.device), spec) if spec.uses_lata else None
     combination = pipeline.merge(inputs, weights, spec, progress)
     written, serving = serve(spec.target, combination.modules, combination.full.tensors, _layer_count(spec, inputs))
     combination = replace(combination, modules=written)
@@ -91,7 +92,8 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
     report = combine_report(spec, inputs, weights, combination, serving, dtype, time.perf_counter() - started)
     if inputs.target is not None and inputs.base is not None:
         emit_folded(spec, combination.modules, inputs.base, inputs.target, spec.four_bit, report, spec.overwrite,
-                    progress=progress, started=started, dense=combination.full.deltas)
+                    progress=progress, started=started, dense=combination.full.deltas,
+                    device=resolve_device(spec.device))
     elif inputs.target is not None:
         emit_adapter(spec, inputs, combination, dtype, report, spec.overwrite)
     table = weights.table() if weights is not None else {}
@@ -136,7 +138,7 @@ def fold(spec: FoldSpec | PathLike | None = None, base: PathLike | None = None, 
     dense = combine_full([(adapter.path, adapter.full)], lambda index, module: 1.0, METHODS["ta"],
                          BaseWeights(base_path)).deltas if adapter.full else {}
     emit_folded(spec, adapter.modules, base_path, target, spec.four_bit, report, spec.overwrite, quant, progress,
-                started, dense=dense)
+                started, dense=dense, device=resolve_device(spec.device))
     return report
 
 
@@ -164,7 +166,7 @@ def inspect(spec: InspectSpec | Sequence[PathLike] | None = None, **options: Any
     base_model = resolve_model(spec.base) if spec.base is not None else None
     inputs = pipeline.assemble(tasks, instruction, ones, ones, spec.layer_regex, base_model=base_model)
     pipeline.check(inputs)
-    table = pipeline.weight(pipeline.score(inputs, spec.granularity), spec).table() if instruction else {}
+    table = pipeline.weight(pipeline.score(inputs, spec.granularity, spec.device), spec).table() if instruction else {}
     result = InspectResult()
     for label, task in zip(inputs.labels, tasks, strict=True):
         rows = [{"module": name, "layer": inputs.blocks[name], "rank": m.delta.rank, "scale": m.delta.scale,

@@ -178,6 +178,7 @@ def combine(
     base: BaseWeights | None = None,
     keep_exact: bool = False,
     space: str = "full",
+    device: torch.device | str = "cpu",
 ) -> Combination:
     """Combine every module adapted by any input into one factored module.
 
@@ -186,6 +187,8 @@ def combine(
     ``blocks`` maps each module to its block (for the report). ``base`` reads the base weight of
     the modules whose task vector needs it (DoRA); ``keep_exact`` keeps their exact merge on the
     written module for a fold. ``space``: where element-wise methods merge (``core`` or ``full``).
+    ``device``: where each module's maths runs (its factors moved there and the result back to the CPU;
+    modules that need the base weight, DoRA's, are merged on the CPU).
     """
     grouped = _by_module(adapters)
     with_base = {name for name, inputs in grouped.items() if any(m.needs_base for _, m in inputs)}
@@ -194,7 +197,7 @@ def combine(
     with serial() if method.factored and not with_base else nullcontext():
         for name, inputs in grouped.items():
             live = [(c, module) for index, module in inputs if (c := coefficient(index, name)) != 0.0]
-            terms = [(c, module.delta) for c, module in live]
+            terms = [(c, module.delta.to(device)) for c, module in live]
             if terms:
                 exact = None
                 if name in with_base:
@@ -208,6 +211,7 @@ def combine(
                 else:
                     delta, error, relative = _combine_dense(terms, method, policy, density, seed, name, sign_method,
                                                             space)
+                delta = delta.to("cpu")
                 template = inputs[0][1]
                 bias = _combine_biases(live, vector_method(method), density, seed, name, sign_method)
                 modules[name] = LoraModule(name, delta, template.kind, template.a_shape, template.b_shape, bias,

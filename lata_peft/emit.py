@@ -80,15 +80,16 @@ def emit_adapter(spec: Spec, inputs: Inputs, combination: Combination, dtype: to
 def emit_folded(spec: Spec, modules: dict[str, LoraModule], base: Path, target: Path, four_bit: bool,
                 report: dict[str, Any], overwrite: bool, quant: QuantOptions | None = None,
                 progress: Progress | None = None, started: float | None = None,
-                dense: dict[str, torch.Tensor] | None = None) -> None:
+                dense: dict[str, torch.Tensor] | None = None, device: torch.device | str = "cpu") -> None:
     """``base`` with ``modules`` (and ``dense`` deltas by tensor name) folded in (full precision or
-    NF4) as a model folder at ``target``; the report gains a ``fold`` entry (counts, bytes, the 4-bit error)."""
+    NF4, the maths on ``device``) as a model folder at ``target``; the report gains a ``fold`` entry
+    (counts, bytes, the 4-bit error)."""
     check_disk_space(base, target, four_bit)
     started = time.perf_counter() if started is None else started
 
     def payload(folder: Path) -> dict[str, Any]:
         result = fold_modules(modules, base, folder, four_bit=four_bit, quant=quant or QuantOptions(),
-                              progress=progress, dense=dense)
+                              progress=progress, dense=dense, device=device)
         return {"fold": {**result.to_dict(), "out": str(target), "base": str(base),
                          "seconds": round(time.perf_counter() - started, 3)}}
 

@@ -66,6 +66,10 @@ class LowRank:
         dtype = torch.float64 if self.B.dtype == torch.float64 else torch.float32
         return LowRank(self.B.to(dtype), self.A.to(dtype), self.scale)
 
+    def to(self, device: torch.device | str) -> LowRank:
+        """Same delta with its factors on ``device``."""
+        return LowRank(self.B.to(device), self.A.to(device), self.scale)
+
     def scaled(self, coefficient: float) -> LowRank:
         return LowRank(self.B, self.A, self.scale * coefficient)
 

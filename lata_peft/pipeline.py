@@ -19,6 +19,7 @@ import torch
 from .adapter import Adapter, load_adapter
 from .combine import Combination
 from .combine import combine as combine_modules
+from .devices import resolve_device
 from .errors import LataError
 from .full_weights import BaseWeights, combine_full
 from .instruction import DenseInstruction
@@ -137,13 +138,14 @@ def check(inputs: Inputs, strict: bool = False) -> None:
     check_compatible([*inputs.tasks, *instruction], strict=strict)
 
 
-def score(inputs: Inputs, granularity: str) -> dict[str, list[LayerScore]]:
+def score(inputs: Inputs, granularity: str, device: str = "cpu") -> dict[str, list[LayerScore]]:
     """Per input label: the cosine of each unit (block or module) with the instruction vector (whose
-    norms are computed once for all the labels)."""
+    norms are computed once for all the labels), computed on ``device`` (``cpu``, ``cuda`` or ``auto``)."""
     assert inputs.instruction is not None, "the spec requires an instruction vector for LATA"
     instruction_squares: dict[str, float] = {}
+    where = resolve_device(device)
     return {label: score_layers(task, inputs.instruction, granularity, blocks=inputs.blocks, base=inputs.base_weights,
-                                instruction_squares=instruction_squares)
+                                instruction_squares=instruction_squares, device=where)
             for label, task in zip(inputs.labels, inputs.tasks, strict=True)}
 
 
@@ -169,6 +171,7 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
         sign_method=spec.sign_method, blocks=inputs.blocks,
         on_module=(lambda _: progress.advance()) if progress is not None else None,
         base=inputs.base_weights, keep_exact=inputs.base is not None, space=spec.space,
+        device=resolve_device(spec.device),
     )
     combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient,
                                     vector_method(merge_method), inputs.base_weights, spec.density, spec.seed,

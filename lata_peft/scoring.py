@@ -127,23 +127,28 @@ def _units(adapter: Adapter, granularity: str, layer_regex: str | None, blocks: 
     return dict(sorted(units.items(), key=lambda item: item[0][0]))  # stable: adapter order within a block
 
 
+def _on(delta: Delta, device: torch.device | str) -> Delta:
+    return delta.to(device)
+
+
 def _cosine(task: Deltas, instruction: Deltas, instruction_squares: dict[str, float] | None = None,
-            ) -> tuple[float, float, float]:
-    """``(|tau|, |iota|, cos)`` of one unit; each dense delta is formed once. ``instruction_squares``: the
-    instruction's ``|iota_p|^2`` by parameter, filled here and reused for the next task adapter."""
+            device: torch.device | str = "cpu") -> tuple[float, float, float]:
+    """``(|tau|, |iota|, cos)`` of one unit, computed on ``device``; each dense delta is formed once.
+    ``instruction_squares``: the instruction's ``|iota_p|^2`` by parameter, filled here and reused for the
+    next task adapter."""
     dot = task_sq = instruction_sq = 0.0
     squares = {} if instruction_squares is None else instruction_squares
     for key, task_delta in task.items():
-        x = task_delta()
+        x = _on(task_delta(), device)
         task_sq += _squared(x)
         if key in instruction:
-            y = instruction[key]()
+            y = _on(instruction[key](), device)
             dot += _inner(x, y)
             if key not in squares:
                 squares[key] = _squared(y)
     for key, instruction_delta in instruction.items():
         if key not in squares:
-            squares[key] = _squared(instruction_delta())
+            squares[key] = _squared(_on(instruction_delta(), device))
         instruction_sq += squares[key]
     task_norm, instruction_norm = task_sq**0.5, instruction_sq**0.5
     return task_norm, instruction_norm, cosine_from(dot, task_norm, instruction_norm)
@@ -184,6 +189,7 @@ def score_layers(
     blocks: Mapping[str, int | None] | None = None,
     base: BaseWeights | None = None,
     instruction_squares: dict[str, float] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[LayerScore]:
     """Cosine of ``task`` with ``instruction`` per block (or per module), in block order.
 
@@ -193,7 +199,7 @@ def score_layers(
     ``layer_regex`` when the caller has computed it. ``base`` (the base model's weights) adds
     DoRA modules and full trained parameters to their blocks (module docstring). Pass the same
     ``instruction_squares`` dict for every task adapter scored against one instruction: its norms are
-    then computed once.
+    then computed once. ``device``: where the products are computed (the deltas are formed on the CPU).
     """
     task_units = _units(task, granularity, layer_regex, blocks, base)
     dense = isinstance(instruction, DenseInstruction) or (base is not None and any(
@@ -206,7 +212,7 @@ def score_layers(
         else:
             instruction_units = _units(instruction, granularity, layer_regex, blocks, base)
             pairs = [(unit, deltas, instruction_units.get(unit, {})) for unit, deltas in task_units.items()]
-        return [LayerScore(unit[0], unit[1], *_cosine(deltas, other, instruction_squares))
+        return [LayerScore(unit[0], unit[1], *_cosine(deltas, other, instruction_squares, device))
                 for unit, deltas, other in pairs]
 
 
