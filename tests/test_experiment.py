@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lata_peft import LataError
@@ -224,3 +225,106 @@ def test_selectivity_uses_the_settings_own_metrics() -> None:
     records = [record(0, "reference", "base", 0.0, pirate_nll=2.0, math_nll=1.0, shout_nll=0.0, instruct_nll=0.0),
                record(0, "forget", "ta", 1.0, pirate_nll=2.6, math_nll=1.2, shout_nll=9.0, instruct_nll=9.0)]
     assert experiment.with_selectivity(records, plan)[1]["metrics"]["selectivity"] == pytest.approx(0.6 / 0.2)
+
+
+def split_record(train_seed: int, setting: str, method: str, lam: float, test: dict, validation: dict) -> dict:
+    return {**record(train_seed, setting, method, lam, **test), "validation": validation}
+
+
+def test_lambda_is_picked_on_validation_and_reported_on_test() -> None:
+    plan = small_plan()
+    # On validation TA is best at 1.0 and LATA at 0.5; the test values would pick the other way round.
+    records = []
+    for t in range(3):
+        records += [split_record(t, "add", "ta", 0.5, {"math_nll": 0.5}, {"math_nll": 1.2}),
+                    split_record(t, "add", "ta", 1.0, {"math_nll": 1.0}, {"math_nll": 0.8}),
+                    split_record(t, "add", "lata_linear", 0.5, {"math_nll": 0.9}, {"math_nll": 0.7}),
+                    split_record(t, "add", "lata_linear", 1.0, {"math_nll": 0.1}, {"math_nll": 0.9})]
+    best = experiment.tuned_lambdas(records, plan)
+    assert best[("add", "ta", "math_nll")] == 1.0 and best[("add", "lata_linear", "math_nll")] == 0.5
+    tuned = {r["baseline"]: r for r in experiment.verdicts(records, plan, tuned=True) if r["setting"] == "add"}
+    # reported on test: LATA at 0.5 (0.9) against TA at 1.0 (1.0)
+    assert tuned["ta"]["outcome"] == "win" and tuned["ta"]["mean_gain"] == pytest.approx(0.1)
+
+
+def test_selectivity_is_computed_on_each_split_against_the_base_of_that_split() -> None:
+    plan = small_plan()
+    records = [split_record(0, "reference", "base", 0.0, {"shout_nll": 2.0, "instruct_nll": 1.5},
+                            {"shout_nll": 2.2, "instruct_nll": 1.4}),
+               split_record(0, "forget", "ta", 1.0, {"shout_nll": 3.0, "instruct_nll": 1.9},
+                            {"shout_nll": 2.8, "instruct_nll": 1.7})]
+    out = experiment.with_selectivity(records, plan)[1]
+    assert out["metrics"]["selectivity"] == pytest.approx((3.0 - 2.0) / (1.9 - 1.5))
+    assert out["validation"]["selectivity"] == pytest.approx((2.8 - 2.2) / (1.7 - 1.4))
+
+
+def test_plan_comparisons_pair_exactly_the_named_methods() -> None:
+    plan = {**small_plan(), "comparisons": [["lata_linear", "ta"], ["dare", "ta"]]}
+    assert analysis.comparisons(plan) == [("lata_linear", "ta"), ("dare", "ta")]
+    assert analysis.comparisons(small_plan()) == [("lata_linear", "ta"), ("lata_linear", "dare")]
+    records = [record(t, "add", m, 1.0, math_nll=v) for t in range(3)
+               for m, v in (("ta", 1.0), ("dare", 0.9), ("lata_linear", 1.1))]
+    rows = {(r["ours"], r["baseline"]): r["outcome"] for r in experiment.verdicts(records, plan)}
+    assert rows == {("lata_linear", "ta"): "loss", ("dare", "ta"): "win"}
+    with pytest.raises(experiment.PlanError, match="comparison"):
+        plans.check_schema({**full_plan(), "comparisons": [["ta", "nowhere"]]}, "plan.yaml")
+
+
+def full_plan() -> dict:
+    return {**small_plan(), "base": "b", "results": "r.json", "report": "R.md", "limits": {}, "metrics": {}}
+
+
+def test_setting_order_finishes_each_setting_over_seeds_and_lambdas_first() -> None:
+    plan = {**small_plan(), "order": "setting"}
+    combos = [r for r in experiment.runs(plan) if r["setting"] != "reference" and r["seed"] == r["train_seed"]]
+    settings = [r["setting"] for r in combos]
+    assert settings == sorted(settings, key=["add", "forget"].index)
+    add = [r for r in combos if r["setting"] == "add"]
+    assert len(add) == 3 * 3 * 2 and [r["lambda"] for r in add[:9]] == [1.0] * 9
+
+
+def test_goal_probes_only_when_asked() -> None:
+    from lata_peft.experiment import probes_for
+
+    plan = full_plan()
+    every = {name: ([], []) for name in ("math_nll", "code_nll", "instruct_nll", "shout_nll")}
+    assert probes_for(plan, "add", every) is every
+    plan["metrics"] = {"measure": "goals"}
+    assert set(probes_for(plan, "add", every)) == {"math_nll"}
+    assert set(probes_for(plan, "forget", every)) == {"shout_nll", "instruct_nll"}  # selectivity needs both
+    assert probes_for(plan, "reference", every) is every
+
+
+def test_measure_splits_probe_examples_in_alternating_halves(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lata_peft.evaluate.perplexity import NLL, AnswerNLL
+
+    # five examples with (summed NLL, tokens); validation = examples 1, 3, 5; test = 2, 4 (pooled per token)
+    examples = [NLL(2.0, 2), NLL(9.0, 3), NLL(4.0, 1), NLL(1.0, 1), NLL(6.0, 3)]
+    monkeypatch.setattr(probes, "answer_nll", lambda *a, **k: AnswerNLL(per_example=examples))
+    monkeypatch.setattr(probes, "evaluate", lambda *a, **k: {"metrics": {"perplexity": 7.0}})
+    model = torch.nn.Linear(1, 1)
+    pair = {"math_nll": (["p"] * 5, ["a"] * 5)}
+    split = probes.measure(model, None, pair, {"wikitext_tokens": 8, "validation": "alternate"})
+    assert split["validation"]["math_nll"] == pytest.approx((2.0 + 4.0 + 6.0) / (2 + 1 + 3))
+    assert split["metrics"]["math_nll"] == pytest.approx((9.0 + 1.0) / (3 + 1))
+    assert split["metrics"]["wikitext2_ppl"] == split["validation"]["wikitext2_ppl"] == 7.0
+    whole = probes.measure(model, None, pair, {"wikitext_tokens": 8})
+    assert set(whole) == {"metrics"} and whole["metrics"]["math_nll"] == pytest.approx(22.0 / 10)
+
+
+def test_merged_evaluation_gives_peft_logits_and_restores_the_weights_bit_for_bit(
+        base: torch.nn.Module, adapters: dict[str, Path], tokens: torch.Tensor) -> None:
+    import copy
+
+    from conftest import logits_with_adapter
+
+    from lata_peft.evaluate.loading import with_adapter
+
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = logits_with_adapter(base, adapters["patterns"], tokens)
+    with with_adapter(model, adapters["patterns"], restore=True, merge=True) as merged, torch.no_grad():
+        assert not any("lora" in name for name, _ in merged.named_modules())
+        torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
