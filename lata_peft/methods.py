@@ -58,11 +58,13 @@ def trim_by_magnitude(deltas: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def drop_and_rescale(deltas: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: Bernoulli(``density``) mask per entry, survivors divided by ``density``."""
+    """DARE: Bernoulli(``density``) mask per entry, survivors divided by ``density``. The mask is drawn on
+    the CPU from ``generator`` (a CPU generator), so a seed gives the same mask on any device."""
     if density >= 1.0:
         return deltas
     kept = torch.stack(
-        [d * torch.bernoulli(torch.full_like(d, density), generator=generator) for d in deltas]
+        [d * torch.bernoulli(torch.full(d.shape, density, dtype=d.dtype), generator=generator).to(d.device)
+         for d in deltas]
     )
     return kept / density
 
