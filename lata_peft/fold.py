@@ -38,6 +38,9 @@ QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                      "quant_state.bitsandbytes__fp4")
 
 
+QUANT_CHUNK_ELEMENTS = 1 << 22  # weights quantised 4M entries at a time (bitsandbytes' transient: ~5x that)
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """NF4 settings; ``None`` fields come from the base's ``quantization_config`` or defaults."""
@@ -73,12 +76,38 @@ class NF4:
                    quantizable_modules(config, skip))
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """``weight`` (fp32) quantised once: ``(packed, quant_state)``."""
+        """``weight`` (fp32) quantised once: ``(packed, quant_state)``, the bytes of bitsandbytes'
+        ``quantize_4bit`` on the whole tensor.
+
+        bitsandbytes' CPU kernel needs ~5x its input while it runs (+581 MiB for an 8B MLP module,
+        ``benchmarks/bench_quantize_memory.py``), so a 2-D weight whose rows are whole NF4 blocks is
+        quantised ``QUANT_CHUNK_ELEMENTS`` at a time (NF4 blocks never straddle rows, so the codes and
+        ``absmax`` are the same), and the double quantisation is done once on all of ``absmax``, as
+        ``quantize_4bit(compress_statistics=True)`` does it: ``offset = mean(absmax)``, then
+        ``quantize_blockwise(absmax - offset, blocksize=256)``.
+        """
         import bitsandbytes.functional as bnbf  # only here: bitsandbytes is imported lazily
 
-        return bnbf.quantize_4bit(weight.to(self.compute_dtype), blocksize=self.blocksize,
-                                  compress_statistics=self.double_quant, quant_type="nf4",
-                                  quant_storage=getattr(torch, self.storage))
+        storage = getattr(torch, self.storage)
+        rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, weight.shape[-1]))
+        if weight.ndim != 2 or weight.shape[1] % self.blocksize or weight.shape[0] <= rows:
+            return bnbf.quantize_4bit(weight.to(self.compute_dtype), blocksize=self.blocksize,
+                                      compress_statistics=self.double_quant, quant_type="nf4", quant_storage=storage)
+        packed, absmax = [], []
+        for start in range(0, weight.shape[0], rows):
+            codes, scales = torch.ops.bitsandbytes.quantize_4bit.default(
+                weight[start:start + rows].to(self.compute_dtype), self.blocksize, "nf4", storage)
+            packed.append(codes)
+            absmax.append(scales)
+        codes, scales = torch.cat(packed), torch.cat(absmax)
+        del packed, absmax
+        common = {"shape": weight.shape, "dtype": self.compute_dtype, "blocksize": self.blocksize,
+                  "code": bnbf.get_4bit_type("nf4", device=weight.device), "quant_type": "nf4"}
+        if not self.double_quant:
+            return codes, bnbf.QuantState(absmax=scales, **common)
+        offset = scales.mean()
+        nested, nested_state = bnbf.quantize_blockwise(scales - offset, blocksize=256)
+        return codes, bnbf.QuantState(absmax=nested, offset=offset, state2=nested_state, **common)
 
     def config(self) -> dict[str, Any]:
         """The ``quantization_config`` transformers reloads this format with."""

@@ -259,3 +259,21 @@ def test_big_unchanged_tensors_are_copied_file_to_file(tmp_path, adapters, shard
     if not four_bit:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "copied")
         assert torch.equal(model.model.embed_tokens.weight, buffered["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16", "float32"])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16, torch.float32])
+def test_quantising_in_row_blocks_writes_bitsandbytes_one_shot_bytes(monkeypatch, double_quant, storage, compute):
+    import importlib
+
+    fold_module = importlib.import_module("lata_peft.fold")  # the module (lata_peft.fold is also the API function)
+    monkeypatch.setattr(fold_module, "QUANT_CHUNK_ELEMENTS", 1000)  # 37 x 128 -> 5 blocks of 7 rows
+    weight = torch.randn(37, 128, generator=torch.Generator().manual_seed(3)) * 3
+    ours, ours_state = fold_module.NF4(64, compute, double_quant, storage, None, set()).quantize(weight)
+    theirs, their_state = bnbf.quantize_4bit(weight.to(compute), blocksize=64, compress_statistics=double_quant,
+                                             quant_type="nf4", quant_storage=getattr(torch, storage))
+    assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8))
+    ours_parts, their_parts = ours_state.as_dict(packed=True), their_state.as_dict(packed=True)
+    assert ours_parts.keys() == their_parts.keys()
+    assert all(torch.equal(ours_parts[key], their_parts[key]) for key in ours_parts)
