@@ -91,6 +91,7 @@ def combine(spec: CombineSpec | Sequence[PathLike] | None = None, out: PathLike 
     dtype = parse_dtype(spec.dtype) if spec.dtype is not None else inputs.dtype
     report = combine_report(spec, inputs, weights, combination, serving, dtype, time.perf_counter() - started)
     if inputs.target is not None and inputs.base is not None:
+        inputs.release()  # their factors are summed into ``combination``: not held through the fold's stream
         emit_folded(spec, combination.modules, inputs.base, inputs.target, spec.four_bit, report, spec.overwrite,
                     progress=progress, started=started, dense=combination.full.deltas,
                     device=resolve_device(spec.device))

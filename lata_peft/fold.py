@@ -1,8 +1,9 @@
 """Fold factored deltas into a base model's weights, full precision or 4-bit NF4, streamed.
 
 The base's safetensors are read one tensor at a time and written in output shards, so
-peak memory is one output shard plus one full-precision weight (never the whole
-full-precision model). For each adapted weight ``W <- W + dW`` (``dW`` formed from its
+peak memory is one output shard plus one base weight, with one fp32 copy of it (full precision)
+or, for a 4-bit output, fp32 blocks of ``QUANT_CHUNK_ELEMENTS`` entries (never the whole
+full-precision model, nor a whole fp32 weight). For each adapted weight ``W <- W + dW`` (``dW`` formed from its
 factors for that one module, in fp32; a DoRA module's exact ``m (W + sBA) / ||W + sBA|| - W`` from
 the very ``W`` folded into, as PEFT's ``merge_and_unload``). With ``four_bit`` every weight that transformers
 would quantise is quantised once with bitsandbytes NF4 (``quantize_4bit``) and stored
@@ -18,6 +19,7 @@ the only module that uses bitsandbytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,39 +77,77 @@ class NF4:
                    quant.quant_storage or settings.get("bnb_4bit_quant_storage", "uint8"), skip,
                    quantizable_modules(config, skip))
 
+    def block_rows(self, shape: torch.Size | tuple[int, ...]) -> int | None:
+        """Rows per quantisation call for a weight of ``shape``: ``QUANT_CHUNK_ELEMENTS`` worth, or ``None`` for
+        one call on the whole tensor (not 2-D, rows that are not whole NF4 blocks, or small)."""
+        if len(shape) != 2 or shape[1] % self.blocksize:
+            return None
+        rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, shape[1]))
+        return rows if shape[0] > rows else None
+
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``weight`` (fp32) quantised once: ``(packed, quant_state)``, the bytes of bitsandbytes'
-        ``quantize_4bit`` on the whole tensor.
-
-        bitsandbytes' CPU kernel needs ~5x its input while it runs (+581 MiB for an 8B MLP module,
-        ``benchmarks/bench_quantize_memory.py``), so a 2-D weight whose rows are whole NF4 blocks is
-        quantised ``QUANT_CHUNK_ELEMENTS`` at a time (NF4 blocks never straddle rows, so the codes and
-        ``absmax`` are the same), and the double quantisation is done once on all of ``absmax``, as
-        ``quantize_4bit(compress_statistics=True)`` does it: ``offset = mean(absmax)``, then
-        ``quantize_blockwise(absmax - offset, blocksize=256)``.
-        """
+        ``quantize_4bit`` on the whole tensor (in row blocks when :meth:`block_rows` says so)."""
         import bitsandbytes.functional as bnbf  # only here: bitsandbytes is imported lazily
 
-        storage = getattr(torch, self.storage)
-        rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, weight.shape[-1]))
-        if weight.ndim != 2 or weight.shape[1] % self.blocksize or weight.shape[0] <= rows:
+        rows = self.block_rows(weight.shape)
+        if rows is None:
             return bnbf.quantize_4bit(weight.to(self.compute_dtype), blocksize=self.blocksize,
-                                      compress_statistics=self.double_quant, quant_type="nf4", quant_storage=storage)
+                                      compress_statistics=self.double_quant, quant_type="nf4",
+                                      quant_storage=getattr(torch, self.storage))
+        return self.quantize_blocks((weight[start:start + rows] for start in range(0, weight.shape[0], rows)),
+                                    weight.shape, weight.device)
+
+    def quantize_blocks(self, blocks: Iterable[torch.Tensor], shape: torch.Size, device: torch.device
+                        ) -> tuple[torch.Tensor, Any]:
+        """A weight of ``shape`` given as consecutive fp32 row ``blocks`` of whole NF4 blocks, quantised to
+        the bytes of one ``quantize_4bit`` call on the whole tensor.
+
+        bitsandbytes' CPU kernel needs ~5x its input while it runs (+581 MiB for an 8B MLP module,
+        ``benchmarks/bench_quantize_memory.py``), and the caller need never hold the whole fp32 weight. NF4
+        blocks never straddle rows, so the codes and ``absmax`` are the same; the double quantisation is done
+        once on all of ``absmax``, as ``quantize_4bit(compress_statistics=True)`` does it:
+        ``offset = mean(absmax)``, then ``quantize_blockwise(absmax - offset, blocksize=256)``.
+        """
+        import bitsandbytes.functional as bnbf
+
+        storage = getattr(torch, self.storage)
         packed, absmax = [], []
-        for start in range(0, weight.shape[0], rows):
+        for block in blocks:
             codes, scales = torch.ops.bitsandbytes.quantize_4bit.default(
-                weight[start:start + rows].to(self.compute_dtype), self.blocksize, "nf4", storage)
+                block.to(self.compute_dtype), self.blocksize, "nf4", storage)
             packed.append(codes)
             absmax.append(scales)
         codes, scales = torch.cat(packed), torch.cat(absmax)
         del packed, absmax
-        common = {"shape": weight.shape, "dtype": self.compute_dtype, "blocksize": self.blocksize,
-                  "code": bnbf.get_4bit_type("nf4", device=weight.device), "quant_type": "nf4"}
+        common = {"shape": torch.Size(shape), "dtype": self.compute_dtype, "blocksize": self.blocksize,
+                  "code": bnbf.get_4bit_type("nf4", device=device), "quant_type": "nf4"}
         if not self.double_quant:
             return codes, bnbf.QuantState(absmax=scales, **common)
         offset = scales.mean()
         nested, nested_state = bnbf.quantize_blockwise(scales - offset, blocksize=256)
         return codes, bnbf.QuantState(absmax=nested, offset=offset, state2=nested_state, **common)
+
+    @staticmethod
+    def dequantize_rows(packed: torch.Tensor, state: Any, absmax: torch.Tensor, start: int, stop: int
+                        ) -> torch.Tensor:
+        """Rows ``start:stop`` of ``dequantize_4bit(packed, state)`` (a 2-D weight of whole NF4 blocks per
+        row), from ``absmax``, the state's restored float32 scales (:meth:`restored_absmax`)."""
+        width = state.shape[1]
+        per_element = packed.numel() / (state.shape[0] * width)  # packed entries per weight entry
+        codes = packed.view(-1)[round(start * width * per_element):round(stop * width * per_element)]
+        scales = absmax[start * width // state.blocksize:stop * width // state.blocksize]
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes.view(-1, 1), scales, state.blocksize, state.quant_type, [stop - start, width], state.dtype)
+
+    @staticmethod
+    def restored_absmax(state: Any) -> torch.Tensor:
+        """The float32 block scales ``dequantize_4bit`` uses: the nested ones restored, plus the offset."""
+        import bitsandbytes.functional as bnbf
+
+        if not state.nested:
+            return state.absmax.float()
+        return (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
 
     def config(self) -> dict[str, Any]:
         """The ``quantization_config`` transformers reloads this format with."""
@@ -296,6 +336,12 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
         base_dtype, owned = nf4.compute_dtype, True
     else:
         weight, base_dtype, owned = tensor, tensor.dtype, False
+    rows = nf4.block_rows(weight.shape) if nf4 is not None and module in nf4.modules and not owned else None
+    if rows is not None and _blockwise(key, weight, targets, dense):
+        _write_quantized_rows(key, _folded_rows(weight, targets.get(key), dense.get(key), rows, device), weight.shape,
+                              key in targets or key in dense, nf4, writer, result, device)
+        result.folded += key in targets or key in dense
+        return
     exact = None
     if key in targets:
         exact = fold_weight(weight.to(device), targets[key], key, base, in_place=owned)
@@ -315,6 +361,55 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
         writer.add(key, (exact if exact is not None else weight).to(base_dtype).cpu())
 
 
+def _blockwise(key: str, weight: torch.Tensor, targets: dict[str, LoraModule], dense: dict[str, torch.Tensor]) -> bool:
+    """True when ``W + dW`` can be formed a block of rows at a time: a plain factored delta (no DoRA, no
+    exact dense merge) and dense deltas of ``W``'s own shape (other cases take :func:`fold_weight`'s checks)."""
+    module = targets.get(key)
+    if module is not None and (module.needs_base or tuple(module.delta.shape) != tuple(weight.shape)):
+        return False
+    return key not in dense or dense[key].shape == weight.shape
+
+
+def _folded_rows(weight: torch.Tensor, module: LoraModule | None, extra: torch.Tensor | None, rows: int,
+                 device: torch.device) -> Callable[[], Iterator[tuple[int, torch.Tensor]]]:
+    """``W + s B A (+ extra)`` in fp32, ``rows`` rows at a time: a function that yields ``(start, block)``, each
+    block a fresh tensor on ``device`` (the same bytes each call), so the whole fp32 ``W'`` is never held.
+    The rows of :func:`fold_weight`'s result up to fp32 rounding: BLAS may sum a few rows' product in another
+    order (bit for bit at an 8B model's shapes on this project's CPU)."""
+    factors = None
+    if module is not None:
+        scaled_b, a = module.delta.balanced()
+        factors = scaled_b.to(device, torch.float32), a.to(device, torch.float32)
+
+    def blocks() -> Iterator[tuple[int, torch.Tensor]]:
+        for start in range(0, weight.shape[0], rows):
+            block = weight[start:start + rows].to(device, torch.float32, copy=True)
+            if factors is not None:
+                block.addmm_(factors[0][start:start + rows], factors[1])
+            if extra is not None:
+                block.add_(extra[start:start + rows].to(device, torch.float32))
+            yield start, block
+
+    return blocks
+
+
+def _write_quantized_rows(key: str, blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]], shape: torch.Size,
+                          folded: bool, nf4: NF4, writer: ShardWriter, result: FoldResult, device: torch.device
+                          ) -> None:
+    """:func:`_write_quantized` for a weight given as row ``blocks``: quantised in one pass; for a folded
+    weight, the error measured in a second pass that forms each block again (an ``addmm`` is cheap beside
+    holding a second fp32 copy of an 8B model's MLP weight)."""
+    packed, state = nf4.quantize_blocks((block for _, block in blocks()), shape, device)
+    if folded:
+        absmax = nf4.restored_absmax(state)
+        squared_error = squared_norm = 0.0
+        for start, block in blocks():
+            error, norm = _squares(nf4.dequantize_rows(packed, state, absmax, start, start + block.shape[0]), block)
+            squared_error, squared_norm = squared_error + error, squared_norm + norm
+        _record_error(key, squared_error, squared_norm, result)
+    _store_quantized(key, packed, state, writer, result)
+
+
 def _write_quantized(key: str, weight: torch.Tensor, folded: bool, nf4: NF4, writer: ShardWriter,
                      result: FoldResult) -> None:
     """Quantise ``weight`` once and write it in transformers' pre-quantised layout; for a folded
@@ -323,16 +418,24 @@ def _write_quantized(key: str, weight: torch.Tensor, folded: bool, nf4: NF4, wri
 
     packed, state = nf4.quantize(weight)
     if folded:
-        squared_error, squared_norm = _squares(bnbf.dequantize_4bit(packed, state), weight)
-        relative = (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0
-        result.module_errors[key.removesuffix(".weight")] = relative
-        result.squared_error += squared_error
-        result.squared_norm += squared_norm
+        _record_error(key, *_squares(bnbf.dequantize_4bit(packed, state), weight), result)
+    del weight
+    _store_quantized(key, packed, state, writer, result)
+
+
+def _record_error(key: str, squared_error: float, squared_norm: float, result: FoldResult) -> None:
+    result.module_errors[key.removesuffix(".weight")] = (squared_error / squared_norm) ** 0.5 if squared_norm else 0.0
+    result.squared_error += squared_error
+    result.squared_norm += squared_norm
+
+
+def _store_quantized(key: str, packed: torch.Tensor, state: Any, writer: ShardWriter, result: FoldResult) -> None:
+    """The packed weight and its quant state, in transformers' pre-quantised layout."""
     writer.add(key, packed.cpu())
     for part, value in state.as_dict(packed=True).items():
         writer.add(f"{key}.{part}", value.cpu())
     result.quantized += 1
-    del packed, state, weight
+    del packed, state
     release_memory()
 
 

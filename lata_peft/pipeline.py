@@ -53,6 +53,11 @@ class Inputs:
     target: Path | None = None
     base_weights: BaseWeights | None = None
 
+    def release(self) -> None:
+        """Drop the loaded adapters and the instruction vector (their tensors are freed unless held elsewhere);
+        labels, signs, scales, blocks and paths stay."""
+        self.tasks, self.instruction = [], None
+
     @property
     def dtype(self) -> torch.dtype:
         """The inputs' common dtype (float32 when they differ)."""
@@ -157,6 +162,7 @@ def weight(scores: dict[str, list[LayerScore]], spec: ScoringSpec) -> LayerWeigh
 def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progress: Progress | None) -> Combination:
     """``c_{t,m} = lambda * sign_t * w_t * l_{t,m}`` per input and module, merged by the spec's method."""
     merge_method = spec.merge_method
+    density, seed, sign_method = spec.run_options
 
     def coefficient(index: int, module: str) -> float:
         block = inputs.blocks[module] if module in inputs.blocks else safe_block(module)
@@ -167,15 +173,14 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
     if progress is not None:
         progress.start(len(names), f"combining ({spec.method})")
     combination = combine_modules(
-        inputs.tasks, coefficient, merge_method, spec.rank_policy, density=spec.density, seed=spec.seed,
-        sign_method=spec.sign_method, blocks=inputs.blocks,
+        inputs.tasks, coefficient, merge_method, spec.rank_policy, density=density, seed=seed,
+        sign_method=sign_method, blocks=inputs.blocks,
         on_module=(lambda _: progress.advance()) if progress is not None else None,
         base=inputs.base_weights, keep_exact=inputs.base is not None, space=spec.space,
         device=resolve_device(spec.device),
     )
     combination.full = combine_full([(task.path, task.full) for task in inputs.tasks], coefficient,
-                                    vector_method(merge_method), inputs.base_weights, spec.density, spec.seed,
-                                    spec.sign_method)
+                                    vector_method(merge_method), inputs.base_weights, density, seed, sign_method)
     _warn_if_lossy(spec, combination)
     return combination
 
