@@ -1,9 +1,10 @@
 """Streaming safetensors: read a model one tensor at a time, write it back in bounded shards.
 
-Peak memory is one output shard buffer (``SHARD_BYTES``) plus the tensor in hand, never a
-whole model; a tensor of ``SHARD_BYTES`` or more that is written unchanged (an 8B model's 1 GB
-embedding or head) is copied file to file in chunks, into a shard of its own, never held in memory.
-Side files (tokenizer, generation config, ...) are copied as they are.
+Peak memory is the tensor in hand, never a shard nor a whole model: each tensor's bytes go to
+the shard's data file as it is added, and the shard is assembled file to file. A tensor of
+``SHARD_BYTES`` or more that is written unchanged (an 8B model's 1 GB embedding or head) is
+copied file to file into a shard of its own, never held in memory. Side files (tokenizer,
+generation config, ...) are copied as they are.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import LataError
 from .models import WEIGHT_FILES
 
 __all__ = ["SHARD_BYTES", "ShardWriter", "TensorFile", "copy_side_files", "iter_tensors", "release_memory"]
 
-SHARD_BYTES = 256 * 1024**2  # output shard buffer: bounds peak memory (the 1.1B NF4 benchmark: 1.27x target)
+SHARD_BYTES = 256 * 1024**2  # output shard size (the data of a shard is streamed to disk, not held)
 COPY_CHUNK = 64 * 1024**2
 
 
@@ -102,19 +103,39 @@ def release_memory() -> None:
         pass
 
 
+_WRITE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+                "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+"""safetensors' ``Dtype`` in declaration order: ``save_file`` lays tensors out by dtype, last first, then by name."""
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+
 class ShardWriter:
-    """Accumulates tensors and writes ``model-XXXXX.safetensors`` shards plus the index."""
+    """Writes ``model-XXXXX.safetensors`` shards plus the index, streaming: each tensor's bytes go to the
+    shard's data file as they are added (nothing is buffered), and :meth:`flush` writes the shard, header
+    then data in ``safetensors.torch.save_file``'s layout and bytes, the data copied file to file in the
+    kernel (``os.copy_file_range``)."""
 
     def __init__(self, folder: Path, metadata: dict[str, str]) -> None:
         self.folder, self.metadata = folder, metadata
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, tuple[str, list[int], int, int]] = {}  # key: (dtype, shape, start, end) in _data
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.bytes_written = 0
+        self._data: object | None = None
+
+    def _data_path(self) -> Path:
+        return self.folder / f"shard-{len(self.shards):05d}.data"
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self._data is None:
+            self._data = self._data_path().open("wb")
+        tensor = tensor.detach().cpu().contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if size:
+            self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[attr-defined]
+        self.pending[key] = (_SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), self.pending_bytes,
+                             self.pending_bytes + size)
+        self.pending_bytes += size
         if self.pending_bytes >= SHARD_BYTES:
             self.flush()
 
@@ -125,27 +146,38 @@ class ShardWriter:
         begin, end = entry["data_offsets"]
         header = {key: {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [0, end - begin]},
                   "__metadata__": self.metadata}
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
         with source.path.open("rb") as reader, (self.folder / f"shard-{len(self.shards):05d}.tmp").open("wb") as out:
-            out.write(len(text).to_bytes(8, "little") + text)
-            reader.seek(data_start + begin)
-            remaining = end - begin
-            while remaining:
-                chunk = reader.read(min(COPY_CHUNK, remaining))
-                if not chunk:
-                    raise LataError(f"{source.path}: truncated safetensors file (tensor {key})")
-                out.write(chunk)
-                remaining -= len(chunk)
+            out.write(_header_bytes(header))
+            out.flush()
+            _copy_range(reader, data_start + begin, out, end - begin, source.path, key)
         self.shards.append([key])
         self.bytes_written += end - begin
 
     def flush(self) -> None:
-        if self.pending:
-            save_file(self.pending, self.folder / f"shard-{len(self.shards):05d}.tmp", metadata=self.metadata)
-            self.shards.append(list(self.pending))
-            self.bytes_written += self.pending_bytes
-            self.pending, self.pending_bytes = {}, 0
+        """The pending tensors as one shard: ``save_file``'s order (dtype, last declared first, then name),
+        its compact JSON header padded with spaces to 8 bytes, then the data."""
+        if not self.pending:
+            return
+        assert self._data is not None
+        self._data.close()  # type: ignore[attr-defined]
+        order = sorted(self.pending, key=lambda key: (-_WRITE_ORDER.index(self.pending[key][0]), key))
+        header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for key in order:
+            dtype, shape, start, end = self.pending[key]
+            header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - start]}
+            offset += end - start
+        data = self._data_path()
+        with data.open("rb") as reader, (self.folder / f"shard-{len(self.shards):05d}.tmp").open("wb") as out:
+            out.write(_header_bytes(header))
+            out.flush()
+            for key in order:
+                _, _, start, end = self.pending[key]
+                _copy_range(reader, start, out, end - start, data, key)
+        data.unlink()
+        self.shards.append(list(self.pending))
+        self.bytes_written += self.pending_bytes
+        self.pending, self.pending_bytes, self._data = {}, 0, None
 
     def finish(self) -> None:
         self.flush()
@@ -159,6 +191,35 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(keys, name))
         index_file = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+
+
+def _header_bytes(header: dict[str, object]) -> bytes:
+    """The 8-byte little-endian length and the compact JSON header, padded with spaces so the data starts
+    8-byte aligned, as safetensors writes it."""
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _copy_range(reader: BinaryIO, start: int, out: BinaryIO, count: int, source: Path, key: str) -> None:
+    """``count`` bytes of ``reader`` from ``start`` appended to ``out``: in the kernel where it can
+    (``os.copy_file_range``), else read and written ``COPY_CHUNK`` at a time."""
+    done = 0
+    try:
+        while done < count:
+            copied = os.copy_file_range(reader.fileno(), out.fileno(), count - done, start + done)
+            if not copied:
+                break
+            done += copied
+    except (AttributeError, OSError):  # not Linux, or a file system without it: copy in user space
+        out.seek(0, os.SEEK_END)
+    reader.seek(start + done)
+    while done < count:
+        chunk = reader.read(min(COPY_CHUNK, count - done))
+        if not chunk:
+            raise LataError(f"{source}: truncated safetensors file (tensor {key})")
+        out.write(chunk)
+        done += len(chunk)
 
 
 def copy_side_files(base: Path, folder: Path) -> None:
