@@ -35,7 +35,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["METHODS", "METHOD_NAMES", "SIGN_METHODS", "SPACES", "Method", "MethodParam", "merge_terms",
+__all__ = ["DENSITY", "METHODS", "METHOD_NAMES", "RUN_PARAMS", "SEED", "SIGN_METHOD", "SIGN_METHODS", "SPACES",
+           "Method", "MethodParam", "merge_terms",
            "module_generator", "parse_params", "vector_method"]
 
 DenseMerge = Callable[[torch.Tensor, torch.Tensor, float, torch.Generator, str], torch.Tensor]
@@ -170,11 +171,12 @@ class MethodParam:
     range (numbers) or ``choices`` (words)."""
 
     name: str
-    default: float | str | None
+    default: float | int | str | None
     help: str
     low: float = 0.0
     high: float = float("inf")
     choices: tuple[str, ...] = ()
+    integer: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,9 +205,17 @@ class Method:
         """This method with its parameters set (``make(**params)`` builds the dense rule)."""
         if self.make is None:
             return self
-        dense = self.make(**self.resolved(values))
+        dense = self.make(**{name: value for name, value in self.resolved(values).items() if name not in RUN_PARAMS})
         return replace(self, dense=dense, signed=getattr(dense, "signed_weights", False))
 
+
+DENSITY = MethodParam("density", 0.5, "fraction of each task vector's entries kept (--density)", 0.0, 1.0)
+SEED = MethodParam("seed", 0, "DARE's mask seed, mixed with the module name (--seed)", 0.0, 2.0 ** 63 - 1, integer=True)
+SIGN_METHOD = MethodParam("sign_method", "total", "TIES sign election: total (sign of the sum) or frequency (the "
+                          "most frequent sign) (--sign-method)", choices=("total", "frequency"))
+RUN_PARAMS = ("density", "seed", "sign_method")
+"""The parameters every element-wise rule takes at run time (``DenseMerge``'s ``density``, generator, ``sign_method``),
+not when it is built; ``--density``, ``--seed`` and ``--sign-method`` set them too."""
 
 _CONVENTION_PARAMS = (
     MethodParam("convention", "peft", "peft: peft.utils.merge_utils' rule, signs elected on unweighted deltas, "
@@ -221,20 +231,23 @@ _CONVENTION_PARAMS = (
 
 METHODS: dict[str, Method] = {
     "ta": Method("ta", None, "task arithmetic: exact factored weighted sum"),
-    "magnitude": Method("magnitude", _magnitude, "magnitude pruning of each task vector, then weighted sum"),
-    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", _CONVENTION_PARAMS,
+    "magnitude": Method("magnitude", _magnitude, "magnitude pruning of each task vector, then weighted sum",
+                        (DENSITY,)),
+    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", (DENSITY, SIGN_METHOD, *_CONVENTION_PARAMS),
                    make=_by_convention("ties", _ties, random=False, consensus=True, default_normalize=True,
                                        default_rescale=False)),
-    "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum", _CONVENTION_PARAMS,
+    "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum",
+                   (DENSITY, SEED, *_CONVENTION_PARAMS),
                    make=_by_convention("dare", _dare, random=True, consensus=False, default_normalize=False,
                                        default_rescale=True)),
-    "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election", _CONVENTION_PARAMS,
+    "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election",
+                        (DENSITY, SEED, SIGN_METHOD, *_CONVENTION_PARAMS),
                         make=_by_convention("dare_ties", _dare_ties, random=True, consensus=True,
                                             default_normalize=False, default_rescale=True)),
 }
 
 
-SIGN_METHODS = ("total", "frequency")
+SIGN_METHODS = SIGN_METHOD.choices
 SPACES = ("core", "full")
 
 
@@ -263,12 +276,12 @@ def vector_method(method: Method) -> Method:
     return METHODS["ta"] if method.core_only else method
 
 
-def parse_params(method: Method, items: Sequence[str]) -> dict[str, float | str]:
+def parse_params(method: Method, items: Sequence[str]) -> dict[str, float | int | str]:
     """``["alpha=1.5", ...]`` -> ``{"alpha": 1.5}``, checked against what ``method`` declares."""
     from .errors import LataError
 
     declared = {param.name: param for param in method.params}
-    values: dict[str, float | str] = {}
+    values: dict[str, float | int | str] = {}
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
@@ -287,7 +300,9 @@ def parse_params(method: Method, items: Sequence[str]) -> dict[str, float | str]
             raise LataError(f"--param {item!r}: {text!r} is not a number") from None
         if not (param.low <= value <= param.high) or value != value:
             raise LataError(f"--param {name}={text}: expected {param.low:g} <= {name} <= {param.high:g}")
-        values[name] = value
+        if param.integer and not value.is_integer():
+            raise LataError(f"--param {name}={text}: expected a whole number")
+        values[name] = int(value) if param.integer else value
     return values
 
 

@@ -13,7 +13,19 @@ from .combine import RankPolicy
 from .devices import DEVICES, resolve_device
 from .dtypes import DTYPES
 from .errors import LataError
-from .methods import METHOD_NAMES, METHODS, SIGN_METHODS, SPACES, Method, MethodParam, parse_params
+from .methods import (
+    DENSITY,
+    METHOD_NAMES,
+    METHODS,
+    RUN_PARAMS,
+    SEED,
+    SIGN_METHOD,
+    SIGN_METHODS,
+    SPACES,
+    Method,
+    MethodParam,
+    parse_params,
+)
 from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
@@ -108,9 +120,11 @@ class CombineSpec(ScoringSpec):
     lam: float = option(1.0, "Global scale lambda.", flags=("--lambda",), key="lambda")
     rank: str | int = option("exact", "Output rank: exact | K | energy:F.")
     lata: bool = option(False, "Apply LATA layer weights with a baseline method.")
-    density: float = option(0.5, "TIES / DARE / magnitude: fraction of entries kept.")
-    seed: int = option(0, "DARE seed.")
-    sign_method: str = option("total", "TIES sign election: " + " | ".join(SIGN_METHODS) + ".")
+    density: float | None = option(None, "Shorthand of --param density= (magnitude, TIES, DARE: fraction of "
+                                   "entries kept; default 0.5).")
+    seed: int | None = option(None, "Shorthand of --param seed= (DARE's mask seed; default 0).")
+    sign_method: str | None = option(None, "Shorthand of --param sign_method= (TIES sign election: "
+                                     + " | ".join(SIGN_METHODS) + "; default total).")
     dtype: str | None = option(None, "Output dtype: " + " | ".join(DTYPES) + " (default: the inputs').")
     strict: bool = option(False, "Refuse adapters whose base_model_name_or_path differ.")
     allow_pickle: bool = _allow_pickle()
@@ -141,13 +155,28 @@ class CombineSpec(ScoringSpec):
 
     @property
     def merge_method(self) -> Method:
-        """The method with its ``--param`` values bound."""
-        return self.registry_method.bind(parse_params(self.registry_method, self.params))
+        """The method with its parameters bound."""
+        return self.registry_method.bind(self.method_parameters)
+
+    def _shorthands(self) -> dict[str, float | int | str]:
+        """``--density``, ``--seed``, ``--sign-method`` as given, for a method that declares them (others ignore
+        them: an experiment passes its training seed to every method)."""
+        declared = {param.name for param in self.registry_method.params}
+        return {name: value for name in RUN_PARAMS if name in declared and (value := getattr(self, name)) is not None}
 
     @property
-    def method_parameters(self) -> dict[str, float | str | None]:
-        """Every parameter the method declares, as given or at its default (what the report records)."""
-        return self.registry_method.resolved(parse_params(self.registry_method, self.params))
+    def method_parameters(self) -> dict[str, float | int | str | None]:
+        """Every parameter the method declares: ``--param``, else its shorthand flag, else the registry's
+        default (what the report records)."""
+        return self.registry_method.resolved({**self._shorthands(), **parse_params(self.registry_method, self.params)})
+
+    @property
+    def run_options(self) -> tuple[float, int, str]:
+        """``(density, seed, sign_method)`` the element-wise rule runs with; the defaults where the method
+        declares none of them (task arithmetic, the subspace methods: unused)."""
+        values = self.method_parameters
+        return (float(values.get("density") or DENSITY.default), int(values.get("seed") or SEED.default),
+                str(values.get("sign_method") or SIGN_METHOD.default))
 
     def check(self) -> None:
         super().check()
@@ -159,11 +188,19 @@ class CombineSpec(ScoringSpec):
         if self.space == "full" and self.registry_method.core_only:
             raise LataError(f"--method {self.method} runs in core space only (its full-space form on LoRA deltas is "
                             "the same merge at the cost of dense SVDs): drop --space full")
-        self.merge_method  # noqa: B018  (validates --param)
-        if not 0.0 < self.density <= 1.0:
+        if self.density is not None and not 0.0 < self.density <= 1.0:
             raise LataError(f"--density {self.density}: expected 0 < density <= 1")
-        if self.sign_method not in SIGN_METHODS:
+        if self.sign_method is not None and self.sign_method not in SIGN_METHODS:
             raise LataError(f"--sign-method {self.sign_method!r}: expected one of {', '.join(SIGN_METHODS)}")
+        given = parse_params(self.registry_method, self.params)
+        for name, value in self._shorthands().items():
+            if name in given and given[name] != value:
+                raise LataError(f"--{name.replace('_', '-')} {value} and --param {name}={given[name]}: one value, "
+                                "given once")
+        density = self.method_parameters.get("density")
+        if density is not None and not 0.0 < float(density) <= 1.0:
+            raise LataError(f"--param density={density}: expected 0 < density <= 1")
+        self.merge_method  # noqa: B018  (validates --param)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LataError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.uses_lata and not self.has_instruction:

@@ -37,11 +37,15 @@ def factors(folder: Path) -> dict[str, LowRank]:
     return modules
 
 
-@pytest.mark.parametrize("method", ["ties", "magnitude"])
-def test_core_space_output_is_peft_rule_on_cores(tmp_path: Path, base, adapters, method: str) -> None:
+@pytest.mark.parametrize(("method", "density", "options"), [
+    ("ties", 0.5, {"density": 0.5}), ("magnitude", 0.5, {"density": 0.5}),
+    ("ties", 0.3, {"params": ["density=0.3"]}), ("magnitude", 0.7, {"params": ["density=0.7"]}),
+])
+def test_core_space_output_is_peft_rule_on_cores(tmp_path: Path, base, adapters, method: str, density: float,
+                                                 options: dict) -> None:
     names, coefficients = ("plain", "rank8", "instruct"), (1.0, 0.5, -1.0)
     lata_peft.combine([adapters["plain"], adapters["rank8"]], tmp_path / "out", forget=[adapters["instruct"]],
-                      method=method, weights=[1.0, 0.5], density=0.5, space="core")
+                      method=method, weights=[1.0, 0.5], space="core", **options)
     merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
                   .named_parameters())
     original = dict(base.named_parameters())
@@ -52,7 +56,7 @@ def test_core_space_output_is_peft_rule_on_cores(tmp_path: Path, base, adapters,
         signed = [core if c >= 0 else -core for (c, _), core in zip(terms, cores, strict=True)]
         weights = torch.tensor([abs(c) for c, _ in terms], dtype=torch.float64)
         rule = merge_utils.ties if method == "ties" else merge_utils.magnitude_prune
-        expected = U_B @ rule(signed, weights, 0.5) @ V_A.T
+        expected = U_B @ rule(signed, weights, density) @ V_A.T
         got = (merged[f"{module}.weight"] - original[f"{module}.weight"]).double()
         assert float((got - expected).norm()) <= 2e-5 * float(expected.norm()), module
 
@@ -79,7 +83,12 @@ def test_subspace_method_parameters_reach_the_merge_and_the_report(tmp_path: Pat
     (["--method", "iso_c", "--param", "fraction=0.5"], ["iso_c takes", "alpha"]),
     (["--method", "ties", "--param", "alpha=2"], ["ties takes", "convention"]),
     (["--method", "dare", "--param", "alpha=2"], ["dare takes", "convention, normalize, rescale"]),
-    (["--method", "magnitude", "--param", "alpha=2"], ["magnitude takes", "none"]),
+    (["--method", "magnitude", "--param", "alpha=2"], ["magnitude takes", "density"]),
+    (["--method", "ta", "--param", "density=0.4"], ["ta takes", "none"]),
+    (["--method", "ties", "--density", "0.3", "--param", "density=0.4"], ["--density 0.3", "given once"]),
+    (["--method", "dare", "--param", "seed=1.5"], ["seed", "whole number"]),
+    (["--method", "ties", "--param", "density=0"], ["density=0", "0 < density"]),
+    (["--method", "ties", "--param", "sign_method=vote"], ["total, frequency"]),
     (["--method", "dare_ties", "--param", "rescale=false"], ["normalize and rescale", "convention=mergekit"]),
     (["--method", "dare", "--param", "convention=mergekit", "--param", "rescale=no"], ["true, false"]),
     (["--method", "ties", "--param", "convention=ours"], ["peft, mergekit"]),
@@ -98,3 +107,28 @@ def test_full_space_exact_says_what_it_lost(adapters, tmp_path: Path) -> None:
     result = runner.invoke(app, ["combine", str(adapters["plain"]), str(adapters["rank8"]), "--method", "ties",
                                  "--space", "full", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0 and "warning: --space full" in result.output and "--space core" in result.output
+
+
+@pytest.mark.parametrize(("method", "shorthand", "param"), [
+    ("ties", ["--density", "0.3"], ["--param", "density=0.3"]),
+    ("ties", ["--sign-method", "frequency"], ["--param", "sign_method=frequency"]),
+    ("dare_ties", ["--seed", "7", "--density", "0.4"], ["--param", "seed=7", "--param", "density=0.4"]),
+])
+def test_shorthand_flags_set_the_method_parameters(tmp_path: Path, adapters, method: str, shorthand: list[str],
+                                                   param: list[str]) -> None:
+    """``--density`` / ``--seed`` / ``--sign-method`` and ``--param`` are one parameter, declared by the method:
+    the same bytes, not the default's, and the value in the report."""
+    outputs, reports = {}, {}
+    for name, flags in (("shorthand", shorthand), ("param", param), ("default", [])):
+        out = tmp_path / name
+        result = runner.invoke(app, ["combine", str(adapters["plain"]), str(adapters["rank8"]), "--forget",
+                                     str(adapters["instruct"]), "--method", method, *flags, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs[name] = (out / "adapter_model.safetensors").read_bytes()
+        reports[name] = json.loads((out / "lata_report.json").read_text())["method_parameters"]
+    assert outputs["shorthand"] == outputs["param"] != outputs["default"]
+    given = dict(item.split("=") for item in param[1::2])
+    assert reports["shorthand"] == reports["param"]
+    assert {name: str(reports["param"][name]) for name in given} == given
+    defaults = {"density": 0.5, "sign_method": "total", **({"seed": 0} if method == "dare_ties" else {})}
+    assert {name: reports["default"][name] for name in defaults} == defaults
