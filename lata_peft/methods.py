@@ -201,6 +201,18 @@ class Method:
         """Every declared parameter: the given value, else its default."""
         return {param.name: values.get(param.name, param.default) for param in self.params}
 
+    def scaled_after(self, factor: float) -> Method:
+        """This method with its dense result multiplied by ``factor`` (mergekit's ``lambda``, applied after the
+        merge and its ``normalize``, where a factor in the weights would cancel)."""
+        if factor == 1.0 or self.dense is None:
+            return self
+        rule = self.dense
+
+        def scaled(*args: object) -> torch.Tensor:
+            return factor * rule(*args)
+
+        return replace(self, dense=scaled)
+
     def bind(self, values: Mapping[str, float | str]) -> Method:
         """This method with its parameters set (``make(**params)`` builds the dense rule)."""
         if self.make is None:

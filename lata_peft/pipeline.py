@@ -160,14 +160,17 @@ def weight(scores: dict[str, list[LayerScore]], spec: ScoringSpec) -> LayerWeigh
 
 
 def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progress: Progress | None) -> Combination:
-    """``c_{t,m} = lambda * sign_t * w_t * l_{t,m}`` per input and module, merged by the spec's method."""
-    merge_method = spec.merge_method
+    """``c_{t,m} = lambda * sign_t * w_t * l_{t,m}`` per input and module, merged by the spec's method; under
+    ``convention=mergekit``, ``c_{t,m} = sign_t * w_t * l_{t,m}`` and the merge times lambda, as mergekit does."""
     density, seed, sign_method = spec.run_options
+    # mergekit's convention scales by lambda after its merge (a lambda inside the weights cancels in ``normalize``)
+    after = spec.lam if spec.merge_method.signed and spec.lam != 0.0 else 1.0
+    merge_method = spec.merge_method.scaled_after(after)
 
     def coefficient(index: int, module: str) -> float:
         block = inputs.blocks[module] if module in inputs.blocks else safe_block(module)
         layer = weights.weight(inputs.labels[index], module, block) if weights is not None else 1.0
-        return spec.lam * inputs.signs[index] * inputs.scales[index] * layer
+        return spec.lam / after * inputs.signs[index] * inputs.scales[index] * layer
 
     names = {name for task in inputs.tasks for name in task.modules}
     if progress is not None:

@@ -36,7 +36,7 @@ MERGEKIT = {("ties", "total"): registry.get("ties"), ("ties", "frequency"): _cou
 
 
 def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str,
-                   generator: torch.Generator | None = None, **switches: bool) -> torch.Tensor:
+                   generator: torch.Generator | None = None, lam: float = 1.0, **switches: bool) -> torch.Tensor:
     """mergekit's own ``name`` on task vectors ``taus`` (a zero base, so each model is its task vector), its
     ``normalize`` / ``rescale`` at mergekit's defaults unless given; torch's global generator starts from
     ``generator``'s state."""
@@ -49,7 +49,7 @@ def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], de
             torch.set_rng_state(generator.get_state())
         return method.merge_group(group, density=dict.fromkeys(ids, density),
                                   weight=dict(zip(ids, weights, strict=True)), int8_mask=False,
-                                  **{**settings, **switches, "lambda": 1.0})
+                                  **{**settings, **switches, "lambda": lam})
 
 
 def mergekit_ties(taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str) -> torch.Tensor:
@@ -133,17 +133,20 @@ def test_switches_are_refused_under_the_peft_convention(name: str, switch: str) 
         parse_params(method, ["normalize=yes"])
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.6])
 @pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
-def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, method: str) -> None:
+def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, method: str, lam: float) -> None:
+    """With ``--lambda``: mergekit scales after its merge and ``normalize`` (TIES' default), and so do we."""
     names, weights = ("plain", "rank8", "patterns"), [1.0, -3.0, 0.5]
     lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method=method, space="full", weights=weights,
-                      density=0.5, rank=64, seed=5, params=["convention=mergekit"])
+                      density=0.5, rank=64, seed=5, params=["convention=mergekit"], lam=lam)
     merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
                   .named_parameters())
     original = dict(base.named_parameters())
     deltas = [peft_delta_weights(base, adapters[n]) for n in names]
     for key in deltas[0]:
         module = key.removesuffix(".weight")  # DARE's mask: the generator of this module and seed
-        expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module))
+        expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module),
+                                  lam)
         got = (merged[key] - original[key]).detach().double()
         assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
