@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ class Adapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule]
     dtype: torch.dtype
-    sha256: dict[str, str] = field(default_factory=dict)
+    digests: dict[str, Future[str] | str] = field(default_factory=dict)
+    """sha256 of each input file by name, hashed in the background (:func:`_hash_in_background`)."""
     base_layers: dict[str, torch.Tensor] = field(default_factory=dict)
     """Full base weights PEFT saved beside the factors (``save_embedding_layers``): carried through."""
     full: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
@@ -99,6 +101,11 @@ class Adapter:
     weights and biases trained with ``bias="all"|"lora_only"``; their task vector is ``saved - base``."""
     warnings: tuple[str, ...] = ()
     """What the reader noticed but did not refuse (e.g. trained against a 4-bit base)."""
+
+    @property
+    def sha256(self) -> dict[str, str]:
+        """sha256 hex digest of each input file by name (waits for the background hashing)."""
+        return {name: value.result() if isinstance(value, Future) else value for name, value in self.digests.items()}
 
     @property
     def name(self) -> str:
@@ -155,6 +162,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lata-peft-sha256")
+
+
+def _hash_in_background(path: Path) -> Future[str]:
+    """``path``'s sha256 on a worker thread: hashlib releases the GIL on 1 MiB updates and the factored maths
+    runs on one thread, so on a second core the report's fingerprints cost no wall time (0.13 s of a 7B
+    rank-16 combine's 3 s, ``benchmarks/bench_combine_7b.py``)."""
+    return _HASHING.submit(_sha256, path)
 
 
 def read_config_json(folder: Path) -> Any:
@@ -410,5 +427,5 @@ def load_adapter(source: str | os.PathLike[str], allow_pickle: bool = False) -> 
     modules = parse_modules(config, tensors, weights_path, lora_biases, magnitudes)
     dtypes = {t.dtype for t in tensors.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    fingerprint = {CONFIG_NAME: _sha256(folder / CONFIG_NAME), weights_path.name: _sha256(weights_path)}
+    fingerprint = {CONFIG_NAME: _sha256(folder / CONFIG_NAME), weights_path.name: _hash_in_background(weights_path)}
     return Adapter(folder, config, modules, dtype, fingerprint, base_layers, full, normalized.warnings)

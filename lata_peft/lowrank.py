@@ -74,9 +74,10 @@ class LowRank:
         return LowRank(self.B, self.A, self.scale * coefficient)
 
     def balanced(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors with the scale folded in: ``(scale * B, A)`` in fp32."""
+        """Factors with the scale folded in: ``(scale * B, A)`` in fp32 (the factors themselves, not copies,
+        where they are fp32 and the scale is 1: read them, never write them)."""
         f = self.float()
-        return f.B * f.scale, f.A
+        return (f.B if f.scale == 1.0 else f.B * f.scale), f.A
 
     def dense(self) -> torch.Tensor:
         """The dense (out, in) matrix. Only for one module at a time."""
@@ -127,12 +128,20 @@ def weighted_sum(terms: Sequence[tuple[float, LowRank]]) -> LowRank:
     shapes = {t.shape for _, t in terms}
     if len(shapes) != 1:
         raise ValueError(f"weighted_sum of deltas with different shapes: {sorted(shapes)}")
-    Bs, As = [], []
-    for coefficient, term in terms:
-        B, A = term.balanced()
-        Bs.append(B * coefficient)
-        As.append(A)
-    return LowRank(torch.cat(Bs, dim=1), torch.cat(As, dim=0), 1.0)
+    (rows, columns), ranks = terms[0][1].shape, [term.rank for _, term in terms]
+    dtype = torch.float64 if any(term.B.dtype == torch.float64 for _, term in terms) else torch.float32
+    device = terms[0][1].B.device
+    B = torch.empty(rows, sum(ranks), dtype=dtype, device=device)
+    A = torch.empty(sum(ranks), columns, dtype=dtype, device=device)
+    start = 0
+    for (coefficient, term), rank in zip(terms, ranks, strict=True):
+        # written in place, with the rounding of (B_i s_i) c_i in fp32: no per-term copies, no cat
+        block = B[:, start:start + rank]
+        torch.mul(term.B.to(dtype), term.scale, out=block)
+        block.mul_(coefficient)
+        A[start:start + rank].copy_(term.A)
+        start += rank
+    return LowRank(B, A, 1.0)
 
 
 @dataclass(frozen=True)
