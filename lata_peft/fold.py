@@ -1,9 +1,9 @@
 """Fold factored deltas into a base model's weights, full precision or 4-bit NF4, streamed.
 
 The base's safetensors are read one tensor at a time and written in output shards, so
-peak memory is one output shard plus one base weight, with one fp32 copy of it (full precision)
-or, for a 4-bit output, fp32 blocks of ``QUANT_CHUNK_ELEMENTS`` entries (never the whole
-full-precision model, nor a whole fp32 weight). For each adapted weight ``W <- W + dW`` (``dW`` formed from its
+peak memory is one base weight in its own dtype, its output, and fp32 blocks of
+``ROW_BLOCK_ELEMENTS`` entries of ``W + dW`` (never the whole full-precision model, nor a big weight
+whole in fp32). For each adapted weight ``W <- W + dW`` (``dW`` formed from its
 factors for that one module, in fp32; a DoRA module's exact ``m (W + sBA) / ||W + sBA|| - W`` from
 the very ``W`` folded into, as PEFT's ``merge_and_unload``). With ``four_bit`` every weight that transformers
 would quantise is quantised once with bitsandbytes NF4 (``quantize_4bit``) and stored
@@ -40,7 +40,18 @@ QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                      "quant_state.bitsandbytes__fp4")
 
 
-QUANT_CHUNK_ELEMENTS = 1 << 22  # weights quantised 4M entries at a time (bitsandbytes' transient: ~5x that)
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""A big 2-D weight is folded (and quantised) this many entries at a time: its fp32 ``W + dW`` is never whole
+(bitsandbytes' quantiser alone needs ~5x its input)."""
+
+
+def block_rows(shape: torch.Size | tuple[int, ...], multiple_of: int = 1) -> int | None:
+    """Rows per block for a weight of ``shape``: ``ROW_BLOCK_ELEMENTS`` worth, or ``None`` for the whole tensor
+    at once (not 2-D, rows not a whole number of ``multiple_of``-entry blocks, or small)."""
+    if len(shape) != 2 or shape[1] % multiple_of:
+        return None
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, shape[1]))
+    return rows if shape[0] > rows else None
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,8 @@ class NF4:
                    quantizable_modules(config, skip))
 
     def block_rows(self, shape: torch.Size | tuple[int, ...]) -> int | None:
-        """Rows per quantisation call for a weight of ``shape``: ``QUANT_CHUNK_ELEMENTS`` worth, or ``None`` for
-        one call on the whole tensor (not 2-D, rows that are not whole NF4 blocks, or small)."""
-        if len(shape) != 2 or shape[1] % self.blocksize:
-            return None
-        rows = max(1, QUANT_CHUNK_ELEMENTS // max(1, shape[1]))
-        return rows if shape[0] > rows else None
+        """Rows per quantisation call (:func:`block_rows`; rows of whole NF4 blocks), ``None``: one call."""
+        return block_rows(shape, self.blocksize)
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """``weight`` (fp32) quantised once: ``(packed, quant_state)``, the bytes of bitsandbytes'
@@ -336,11 +343,20 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
         base_dtype, owned = nf4.compute_dtype, True
     else:
         weight, base_dtype, owned = tensor, tensor.dtype, False
-    rows = nf4.block_rows(weight.shape) if nf4 is not None and module in nf4.modules and not owned else None
+    quantized = nf4 is not None and module in nf4.modules
+    folded = key in targets or key in dense
+    rows = None if owned else nf4.block_rows(weight.shape) if quantized else block_rows(weight.shape) if folded \
+        else None
     if rows is not None and _blockwise(key, weight, targets, dense):
-        _write_quantized_rows(key, _folded_rows(weight, targets.get(key), dense.get(key), rows, device), weight.shape,
-                              key in targets or key in dense, nf4, writer, result, device)
-        result.folded += key in targets or key in dense
+        blocks = _folded_rows(weight, targets.get(key), dense.get(key), rows, device)
+        if quantized:
+            _write_quantized_rows(key, blocks, weight.shape, folded, nf4, writer, result, device)
+        else:  # W + dW back in the base's dtype, a block of rows at a time
+            out = torch.empty(weight.shape, dtype=base_dtype)
+            for start, block in blocks():
+                out[start:start + block.shape[0]] = block.to(base_dtype).cpu()
+            writer.add(key, out)
+        result.folded += folded
         return
     exact = None
     if key in targets:

@@ -30,7 +30,11 @@ def sharded_base(tmp_path_factory, base):
     return folder
 
 
-def test_full_precision_fold_matches_peft_merge_and_unload(tmp_path, base, adapters, sharded_base, tokens):
+@pytest.mark.parametrize("chunk", [None, 300], ids=["whole", "row-blocks"])
+def test_full_precision_fold_matches_peft_merge_and_unload(tmp_path, base, adapters, sharded_base, tokens,
+                                                           monkeypatch, chunk):
+    if chunk is not None:  # every adapted weight folded a few rows at a time
+        monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "ROW_BLOCK_ELEMENTS", chunk)
     assert (sharded_base / "model.safetensors.index.json").is_file()
     out = tmp_path / "folded"
     result = runner.invoke(app, ["fold", str(adapters["patterns"]), "--base", str(sharded_base), "-o", str(out)])
@@ -43,7 +47,10 @@ def test_full_precision_fold_matches_peft_merge_and_unload(tmp_path, base, adapt
     assert (out / "tokenizer_config.json").is_file() and (out / "lata_report.json").is_file()
 
 
-def test_combine_fold_into_matches_dense_sum(tmp_path, base, adapters, sharded_base, tokens):
+@pytest.mark.parametrize("chunk", [None, 300], ids=["whole", "row-blocks"])
+def test_combine_fold_into_matches_dense_sum(tmp_path, base, adapters, sharded_base, tokens, monkeypatch, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "ROW_BLOCK_ELEMENTS", chunk)
     out = tmp_path / "folded"
     lata_peft.combine([adapters["plain"], adapters["rank8"]], out, weights=[0.5, 1.0], fold_into=sharded_base)
     folded = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -82,7 +89,7 @@ def dequantized(linear) -> torch.Tensor:
 @pytest.mark.parametrize("chunk", [None, 1000], ids=["one-shot", "row-blocks"])
 def test_four_bit_fold_quantises_once_and_beats_peft(tmp_path, wide, monkeypatch, chunk):
     if chunk is not None:  # every weight folded and quantised 7 (width 128) or 3 (width 256) rows at a time
-        monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "QUANT_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "ROW_BLOCK_ELEMENTS", chunk)
     model, base_dir, a, b = wide
     out = tmp_path / "q4"
     result = lata_peft.combine([a, b], out, fold_into=base_dir, four_bit=True)
@@ -270,7 +277,7 @@ def test_big_unchanged_tensors_are_copied_file_to_file(tmp_path, adapters, shard
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16, torch.float32])
 def test_quantising_in_row_blocks_writes_bitsandbytes_one_shot_bytes(monkeypatch, double_quant, storage, compute):
     fold_module = importlib.import_module("lata_peft.fold")  # the module (lata_peft.fold is also the API function)
-    monkeypatch.setattr(fold_module, "QUANT_CHUNK_ELEMENTS", 1000)  # 37 x 128 -> 5 blocks of 7 rows
+    monkeypatch.setattr(fold_module, "ROW_BLOCK_ELEMENTS", 1000)  # 37 x 128 -> 5 blocks of 7 rows
     weight = torch.randn(37, 128, generator=torch.Generator().manual_seed(3)) * 3
     ours, ours_state = fold_module.NF4(64, compute, double_quant, storage, None, set()).quantize(weight)
     theirs, their_state = bnbf.quantize_4bit(weight.to(compute), blocksize=64, compress_statistics=double_quant,
@@ -290,7 +297,7 @@ def test_row_block_fold_writes_the_one_shot_fold_to_rounding(tmp_path, wide, mon
     fp32 rounding: BLAS may round an ``addmm`` on a few rows differently (bit for bit at 8B shapes here)."""
     _, base_dir, a, b = wide
     one_shot = lata_peft.combine([a, b], tmp_path / "one", fold_into=base_dir, four_bit=True, weights=[0.7, -0.4])
-    monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "QUANT_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(importlib.import_module("lata_peft.fold"), "ROW_BLOCK_ELEMENTS", 1000)
     blocks = lata_peft.combine([a, b], tmp_path / "rows", fold_into=base_dir, four_bit=True, weights=[0.7, -0.4])
     want, got = load_all(tmp_path / "one"), load_all(tmp_path / "rows")
     assert want.keys() == got.keys()
