@@ -95,14 +95,13 @@ class ScoringSpec(Spec):
 
 
 def _params_help() -> str:
-    """``ties, dare, dare_ties: convention (...), ...; iso_c: alpha (...)``: methods declaring the same parameters
-    share one entry."""
-    names: dict[tuple[MethodParam, ...], list[str]] = {}
+    """``density (magnitude, ties, dare, dare_ties): ...; alpha (iso_c, iso_cts): ...``: each parameter once,
+    with the methods that declare it."""
+    takers: dict[MethodParam, list[str]] = {}
     for method in METHODS.values():
-        if method.params:
-            names.setdefault(method.params, []).append(method.name)
-    return "; ".join(", ".join(methods) + ": " + ", ".join(f"{p.name} ({p.help})" for p in params)
-                     for params, methods in names.items())
+        for param in method.params:
+            takers.setdefault(param, []).append(method.name)
+    return "; ".join(f"{param.name} ({', '.join(names)}): {param.help}" for param, names in takers.items())
 
 
 @dataclass(frozen=True)
