@@ -321,32 +321,17 @@ def fold_modules(
 
 def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], dense: dict[str, torch.Tensor],
                  nf4: NF4 | None, writer: ShardWriter, result: FoldResult, base: Path, device: torch.device) -> None:
-    """Read one base tensor (dequantising a 4-bit one), fold its delta in, write it (quantised)."""
-    module = key.removesuffix(".weight")
-    tensor = handle.get_tensor(key)
-    if nf4 is not None and key.endswith(".weight") and f"{key}{QUANT_STATE_SUFFIX}" in handle.keys:
-        import bitsandbytes.functional as bnbf
-
-        state = {part: handle.get_tensor(f"{key}.{part}") for part in QUANT_STATE_PARTS
-                 if f"{key}.{part}" in handle.keys}
-        quant_state = bnbf.QuantState.from_dict(dict(state), device=device)  # it edits the dict
-        if key not in targets and key not in dense and module in nf4.modules and _same_format(
-                quant_state, tensor, nf4.blocksize, nf4.double_quant, nf4.storage):
-            # untouched and already in the requested format: copied bit for bit, never requantised
-            writer.add(key, tensor)
-            for part, value in state.items():
-                writer.add(f"{key}.{part}", value)
-            result.quantized += 1
-            result.copied += 1
-            return
-        weight = bnbf.dequantize_4bit(tensor.to(device), quant_state).float()  # dequantised once, ours
-        base_dtype, owned = nf4.compute_dtype, True
-    else:
-        weight, base_dtype, owned = tensor, tensor.dtype, False
-    quantized = nf4 is not None and module in nf4.modules
+    """Read one base tensor (dequantising a 4-bit one), fold its delta in, write it (quantised): a big 2-D
+    weight a block of rows at a time (:func:`_folded_rows`), anything else whole (:func:`_fold_whole`)."""
+    read = _read_weight(key, handle, targets, dense, nf4, writer, result, device)
+    if read is None:
+        return
+    weight, base_dtype, owned = read
+    quantized = nf4 is not None and key.removesuffix(".weight") in nf4.modules
     folded = key in targets or key in dense
-    rows = None if owned else nf4.block_rows(weight.shape) if quantized else block_rows(weight.shape) if folded \
-        else None
+    rows = None
+    if not owned and (quantized or folded):
+        rows = nf4.block_rows(weight.shape) if quantized else block_rows(weight.shape)
     if rows is not None and _blockwise(key, weight, targets, dense):
         blocks = _folded_rows(weight, targets.get(key), dense.get(key), rows, device)
         if quantized:
@@ -357,7 +342,38 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
                 out[start:start + block.shape[0]] = block.to(base_dtype).cpu()
             writer.add(key, out)
         result.folded += folded
-        return
+    else:
+        _fold_whole(key, weight, base_dtype, owned, quantized, targets, dense, nf4, writer, result, base, device)
+
+
+def _read_weight(key: str, handle: TensorFile, targets: dict[str, LoraModule], dense: dict[str, torch.Tensor],
+                 nf4: NF4 | None, writer: ShardWriter, result: FoldResult, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.dtype, bool] | None:
+    """``(weight, its output dtype, owned)``: the stored tensor as it is (not owned), or a 4-bit base weight
+    dequantised once into an fp32 tensor of our own; ``None`` when an untouched 4-bit weight already in the
+    requested format was copied bit for bit (never requantised)."""
+    tensor = handle.get_tensor(key)
+    if nf4 is None or not key.endswith(".weight") or f"{key}{QUANT_STATE_SUFFIX}" not in handle.keys:
+        return tensor, tensor.dtype, False
+    import bitsandbytes.functional as bnbf
+
+    state = {part: handle.get_tensor(f"{key}.{part}") for part in QUANT_STATE_PARTS if f"{key}.{part}" in handle.keys}
+    quant_state = bnbf.QuantState.from_dict(dict(state), device=device)  # it edits the dict
+    if key not in targets and key not in dense and key.removesuffix(".weight") in nf4.modules and _same_format(
+            quant_state, tensor, nf4.blocksize, nf4.double_quant, nf4.storage):
+        writer.add(key, tensor)
+        for part, value in state.items():
+            writer.add(f"{key}.{part}", value)
+        result.quantized += 1
+        result.copied += 1
+        return None
+    return bnbf.dequantize_4bit(tensor.to(device), quant_state).float(), nf4.compute_dtype, True
+
+
+def _fold_whole(key: str, weight: torch.Tensor, base_dtype: torch.dtype, owned: bool, quantized: bool,
+                targets: dict[str, LoraModule], dense: dict[str, torch.Tensor], nf4: NF4 | None, writer: ShardWriter,
+                result: FoldResult, base: Path, device: torch.device) -> None:
+    """``W + dW`` (and a dense delta) on the whole weight in fp32, written quantised or in ``base_dtype``."""
     exact = None
     if key in targets:
         exact = fold_weight(weight.to(device), targets[key], key, base, in_place=owned)
@@ -370,7 +386,8 @@ def _fold_tensor(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
             exact = weight if owned else weight.to(device, torch.float32, copy=True)
         exact.add_(dense[key].to(device, torch.float32))
         result.folded += key not in targets
-    if nf4 is not None and module in nf4.modules:
+    if quantized:
+        assert nf4 is not None
         _write_quantized(key, exact if exact is not None else weight.to(device, torch.float32), exact is not None,
                          nf4, writer, result)
     else:
