@@ -24,7 +24,7 @@ def default_device() -> torch.device:
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` (refused in one line when no GPU is visible), or ``auto`` (``cuda`` if visible)."""
     if name not in DEVICES:
-        raise LataError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise LataError(f"--device {name!r}: expected one of {', '.join(DEVICES)}")
     if name == "auto":
         return default_device()
     if name == "cuda" and not torch.cuda.is_available():

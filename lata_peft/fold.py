@@ -141,8 +141,8 @@ class NF4:
         """Rows ``start:stop`` of ``dequantize_4bit(packed, state)`` (a 2-D weight of whole NF4 blocks per
         row), from ``absmax``, the state's restored float32 scales (:meth:`restored_absmax`)."""
         width = state.shape[1]
-        per_element = packed.numel() / (state.shape[0] * width)  # packed entries per weight entry
-        codes = packed.view(-1)[round(start * width * per_element):round(stop * width * per_element)]
+        per_row = packed.numel() // state.shape[0]  # packed entries per row (rows are whole NF4 blocks)
+        codes = packed.view(-1)[start * per_row:stop * per_row]
         scales = absmax[start * width // state.blocksize:stop * width // state.blocksize]
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             codes.view(-1, 1), scales, state.blocksize, state.quant_type, [stop - start, width], state.dtype)

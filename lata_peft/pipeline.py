@@ -164,8 +164,9 @@ def merge(inputs: Inputs, weights: LayerWeights | None, spec: CombineSpec, progr
     ``convention=mergekit``, ``c_{t,m} = sign_t * w_t * l_{t,m}`` and the merge times lambda, as mergekit does."""
     density, seed, sign_method = spec.run_options
     # mergekit's convention scales by lambda after its merge (a lambda inside the weights cancels in ``normalize``)
-    after = spec.lam if spec.merge_method.signed and spec.lam != 0.0 else 1.0
-    merge_method = spec.merge_method.scaled_after(after)
+    bound = spec.merge_method
+    after = spec.lam if bound.signed and spec.lam != 0.0 else 1.0
+    merge_method = bound.scaled_after(after)
 
     def coefficient(index: int, module: str) -> float:
         block = inputs.blocks[module] if module in inputs.blocks else safe_block(module)

@@ -127,10 +127,6 @@ def _units(adapter: Adapter, granularity: str, layer_regex: str | None, blocks: 
     return dict(sorted(units.items(), key=lambda item: item[0][0]))  # stable: adapter order within a block
 
 
-def _on(delta: Delta, device: torch.device | str) -> Delta:
-    return delta.to(device)
-
-
 def _cosine(task: Deltas, instruction: Deltas, instruction_squares: dict[str, float] | None = None,
             device: torch.device | str = "cpu") -> tuple[float, float, float]:
     """``(|tau|, |iota|, cos)`` of one unit, computed on ``device``; each dense delta is formed once.
@@ -139,16 +135,16 @@ def _cosine(task: Deltas, instruction: Deltas, instruction_squares: dict[str, fl
     dot = task_sq = instruction_sq = 0.0
     squares = {} if instruction_squares is None else instruction_squares
     for key, task_delta in task.items():
-        x = _on(task_delta(), device)
+        x = task_delta().to(device)
         task_sq += _squared(x)
         if key in instruction:
-            y = _on(instruction[key](), device)
+            y = instruction[key]().to(device)
             dot += _inner(x, y)
             if key not in squares:
                 squares[key] = _squared(y)
     for key, instruction_delta in instruction.items():
         if key not in squares:
-            squares[key] = _squared(_on(instruction_delta(), device))
+            squares[key] = _squared(instruction_delta().to(device))
         instruction_sq += squares[key]
     task_norm, instruction_norm = task_sq**0.5, instruction_sq**0.5
     return task_norm, instruction_norm, cosine_from(dot, task_norm, instruction_norm)

@@ -121,7 +121,7 @@ class ShardWriter:
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.bytes_written = 0
-        self._data: object | None = None
+        self._data: BinaryIO | None = None
 
     def _data_path(self) -> Path:
         return self.folder / f"shard-{len(self.shards):05d}.data"
@@ -132,7 +132,7 @@ class ShardWriter:
         tensor = tensor.detach().cpu().contiguous()
         size = tensor.numel() * tensor.element_size()
         if size:
-            self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[attr-defined]
+            self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self.pending[key] = (_SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), self.pending_bytes,
                              self.pending_bytes + size)
         self.pending_bytes += size
@@ -159,7 +159,7 @@ class ShardWriter:
         if not self.pending:
             return
         assert self._data is not None
-        self._data.close()  # type: ignore[attr-defined]
+        self._data.close()
         order = sorted(self.pending, key=lambda key: (-_WRITE_ORDER.index(self.pending[key][0]), key))
         header: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0

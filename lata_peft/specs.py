@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .combine import RankPolicy
-from .devices import DEVICES, resolve_device
+from .devices import resolve_device
 from .dtypes import DTYPES
 from .errors import LataError
 from .methods import (
@@ -49,13 +49,6 @@ def _overwrite() -> bool:
     return option(False, "Replace an existing output folder (only one that lata-peft wrote).")
 
 
-def _check_device(name: str) -> None:
-    """A known device name, and for ``cuda`` a visible GPU: refused before anything is read or written."""
-    if name not in DEVICES:
-        raise LataError(f"--device {name!r}: expected one of {', '.join(DEVICES)}")
-    resolve_device(name)
-
-
 @dataclass(frozen=True)
 class ScoringSpec(Spec):
     """LATA scoring and weighting options, shared by ``combine`` and ``inspect``."""
@@ -91,7 +84,7 @@ class ScoringSpec(Spec):
             raise LataError(f"--granularity {self.granularity!r}: expected 'block' or 'module'")
         if self.instruction is not None and self.instruction_from is not None:
             raise LataError("give --instruction or --instruction-from, not both")
-        _check_device(self.device)
+        resolve_device(self.device)  # a known name, and for cuda a visible GPU
 
 
 def _params_help() -> str:
@@ -266,7 +259,7 @@ class FoldSpec(Spec):
     overwrite: bool = _overwrite()
 
     def check(self) -> None:
-        _check_device(self.device)
+        resolve_device(self.device)  # a known name, and for cuda a visible GPU
         for name in ("adapter", "base", "out"):
             if not getattr(self, name):
                 raise LataError(f"fold needs {'an adapter' if name == 'adapter' else '--' + name}")
