@@ -408,7 +408,7 @@ def _folded_rows(weight: torch.Tensor, module: LoraModule | None, extra: torch.T
     """``W + s B A (+ extra)`` in fp32, ``rows`` rows at a time: a function that yields ``(start, block)``, each
     block a fresh tensor on ``device`` (the same bytes each call), so the whole fp32 ``W'`` is never held.
     The rows of :func:`fold_weight`'s result up to fp32 rounding: BLAS may sum a few rows' product in another
-    order (bit for bit at an 8B model's shapes on this project's CPU)."""
+    order (bit for bit at an 8B model's shapes here: ``benchmarks/check_row_block_bits.py``)."""
     factors = None
     if module is not None:
         scaled_b, a = module.delta.balanced()
