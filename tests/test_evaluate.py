@@ -129,6 +129,47 @@ def test_answer_nll_is_padding_independent(base: torch.nn.Module) -> None:
     assert pooled.mean == pytest.approx(total / count, rel=1e-5)
 
 
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep`` (as before transformers 4.50)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> object:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_output_layer_sees_only_the_scored_positions(base: torch.nn.Module) -> None:
+    """The output layer runs only where a next token is scored (answers, not prompts or padding),
+    and the NLLs are those of a model that computes every position's logits."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["Q: 2+2?\nA:", "Question: what is six times seven?\nAnswer:", "Say hi:"]
+    answers = [" 4", " 42, it is 42.", " hi there"]
+    rows: list[int] = []
+    hook = base.lm_head.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[:2].numel()))
+    try:
+        kept = answer_nll(base, tokenizer, prompts, answers, batch_size=3)
+        ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(2))
+        windowed = sliding_window_nll(base, ids, max_length=16, stride=6, batch_size=1)
+    finally:
+        hook.remove()
+    lengths = [(len(tokenizer(p).input_ids), len(tokenizer(a, add_special_tokens=False).input_ids))
+               for p, a in zip(prompts, answers, strict=True)]
+    # One batch of 3 rows; a row's answer token t is predicted at position t - 1: the union over rows.
+    needed = {t - 1 for p, a in lengths for t in range(p, p + a)}
+    assert rows[0] == 3 * len(needed) < 3 * max(p + a for p, a in lengths)
+    # Windows (0,16), (6,22), (12,28), (18,34), (24,40): 15 scored positions, then 6 per window.
+    assert rows[1:] == [15, 6, 6, 6, 6]
+    full = WithoutLogitsToKeep(base)
+    everything = answer_nll(full, tokenizer, prompts, answers, batch_size=3)
+    for own, reference in zip(kept.per_example, everything.per_example, strict=True):
+        assert own.tokens == reference.tokens
+        assert own.total == pytest.approx(reference.total, rel=1e-6)
+    assert windowed.mean == pytest.approx(sliding_window_nll(full, ids, max_length=16, stride=6).mean, rel=1e-6)
+
+
 # --------------------------------------------------------------------------- GSM8K
 
 

@@ -20,6 +20,7 @@ the prompt and the padding).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,13 +80,38 @@ def windows(length: int, max_length: int, stride: int) -> list[tuple[int, int, i
     return spans
 
 
-def _summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed NLL and scored-token counts of next-token predictions (shifted labels):
-    ``sum_t -log softmax(logits[t])[labels[t + 1]]`` over ``labels[t + 1] != -100``, in float32,
-    one row at a time to bound the temporary memory."""
-    targets = labels[:, 1:]
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (PEFT-unwrapped) model's forward takes transformers' ``logits_to_keep``."""
+    unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(unwrapped.forward).parameters
+
+
+def _scored_logits(model: torch.nn.Module, labels: torch.Tensor, **inputs: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions whose next token is scored, and those next tokens (``-100`` where a
+    row does not score it).
+
+    Position ``t`` predicts token ``t + 1``, so the output layer is needed only where some row has
+    ``labels[:, t + 1] != -100``: the prompt and the padding need none. For a 262k vocabulary
+    (Gemma) that layer costs more than the rest of a small model, so the positions are passed as
+    transformers' ``logits_to_keep`` (a 1-D tensor of positions, every row); a model whose forward
+    does not take it computes all logits, which are then indexed. Same numbers either way.
+    """
+    positions = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(1)
+    targets = labels[:, positions + 1]
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=positions.to(labels.device)).logits
+    else:
+        logits = model(**inputs).logits[:, positions.to(labels.device)]
+    return logits, targets
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed NLL and scored-token counts: ``sum_t -log softmax(logits[t])[targets[t]]`` over
+    ``targets[t] != -100`` (logits already aligned with the tokens they predict), in float32, one row
+    at a time to bound the temporary memory."""
     totals = torch.stack([
-        functional.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=IGNORE, reduction="sum")
+        functional.cross_entropy(logits[row].float(), targets[row], ignore_index=IGNORE, reduction="sum")
         for row in range(logits.size(0))
     ])
     return totals, (targets != IGNORE).sum(dim=1)
@@ -124,9 +150,7 @@ def sliding_window_nll(
         target = group[0][2]
         labels = chunk.clone()
         labels[:, : chunk.size(1) - target] = IGNORE
-        # Positions before the first scored label only feed context: drop their logits early.
-        keep = max(chunk.size(1) - target - 1, 0)
-        total, count = _summed_nll(model(input_ids=chunk).logits[:, keep:], labels[:, keep:])
+        total, count = _summed_nll(*_scored_logits(model, labels, input_ids=chunk))
         result.total += float(total.sum())
         result.tokens += int(count.sum())
     return result
@@ -216,8 +240,8 @@ def answer_nll(
             ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
             mask[row, : len(tokens)] = 1
             labels[row, n_prompt: len(tokens)] = torch.tensor(tokens[n_prompt:], dtype=torch.long)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        totals, counts = _summed_nll(logits, labels.to(device))
+        totals, counts = _summed_nll(*_scored_logits(model, labels.to(device), input_ids=ids.to(device),
+                                                     attention_mask=mask.to(device)))
         for row, i in enumerate(chunk):
             per_example[i] = NLL(float(totals[row]), int(counts[row]))
     pooled = AnswerNLL(per_example=per_example)
