@@ -17,13 +17,15 @@ from .api import CombineResult, InspectResult, combine, compare, fold, inspect  
 from .errors import LataError  # noqa: E402
 from .methods import METHOD_NAMES  # noqa: E402
 from .recipe import load_recipe, run_recipe  # noqa: E402
-from .specs import CombineSpec, CompareSpec, FoldSpec, InspectSpec  # noqa: E402
+from .specs import CombineSpec, CompareSpec, EvalSpec, ExportSpec, FoldSpec, InspectSpec  # noqa: E402
 
 __all__ = [
     "METHOD_NAMES",
     "CombineResult",
     "CombineSpec",
     "CompareSpec",
+    "EvalSpec",
+    "ExportSpec",
     "FoldSpec",
     "InspectResult",
     "InspectSpec",

@@ -32,9 +32,9 @@ from .report import adapter_entry, combine_report, header
 from .scoring import module_norm
 from .serving import serve
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, EvalSpec, ExportSpec, FoldSpec, InspectSpec
 
-__all__ = ["CombineResult", "InspectResult", "combine", "compare", "export", "fold", "inspect"]
+__all__ = ["CombineResult", "InspectResult", "combine", "compare", "evaluate", "export", "fold", "inspect"]
 
 S = TypeVar("S", bound=Spec)
 PathLike = str | os.PathLike[str]
@@ -213,3 +213,32 @@ def compare(spec: CompareSpec | PathLike | None = None, *, progress: Progress | 
 
     spec = _spec(CompareSpec, {"plan": spec}, options)
     return run_compare(spec, progress=progress)
+
+
+def evaluate(spec: EvalSpec | PathLike | None = None, *, progress: Progress | None = None,
+             **options: Any) -> list[dict[str, Any]]:
+    """Evaluate a model on each task, with ``adapter`` applied or with the exact sum of the ``fold``
+    adapters merged into its weights in memory; one result per task (see
+    :func:`lata_peft.evaluate.evaluate`). Every option is a field of :class:`~lata_peft.specs.EvalSpec`."""
+    from .evaluate import evaluate as evaluate_task  # transformers: imported only for this verb
+
+    spec = _spec(EvalSpec, {"model": spec}, options)
+    model: Any = _summed_in_memory(spec.model, spec.fold) if spec.fold else spec.model
+    return [evaluate_task(model, task, adapter=spec.adapter, tokenizer=spec.model if spec.fold else None,
+                          limit=spec.limit, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens,
+                          four_bit=spec.four_bit, shots=spec.shots, num_samples=spec.num_samples,
+                          temperature=spec.temperature, data=spec.data, progress=progress,
+                          unsafe_exec=spec.unsafe_exec)
+            for task in spec.tasks]
+
+
+def _summed_in_memory(model: str, adapters: Sequence[str]) -> Any:
+    """The model with the exact sum of ``adapters`` merged into its weights (PEFT's merge of our output)."""
+    import tempfile
+
+    from .evaluate.loading import load_model, with_adapter
+
+    with tempfile.TemporaryDirectory() as scratch:
+        combine(list(adapters), Path(scratch) / "sum", base=model)
+        with with_adapter(load_model(model), Path(scratch) / "sum", restore=False, merge=True) as merged:
+            return merged.eval()

@@ -1,7 +1,7 @@
 """``lata-peft``: typer commands built from the verbs' specs, calling the API. No maths here.
 
-``combine``, ``inspect``, ``fold``, ``export`` and ``compare`` take their options from the fields of their
-spec (:mod:`lata_peft.specs`): the flag names, types, defaults and help text are stated once,
+Every verb (``combine``, ``inspect``, ``fold``, ``export``, ``compare``, ``eval``) takes its options from the
+fields of its spec (:mod:`lata_peft.specs`): the flag names, types, defaults and help text are stated once,
 there. A :class:`LataError` becomes one ``error:`` line on stderr and exit code 2; SIGTERM is
 handled like Ctrl-C (the output being written is removed, nothing half-written is left).
 """
@@ -29,7 +29,7 @@ from . import render
 from .errors import LataError
 from .recipe import PROGRESS_VERBS, load_recipe, run_spec
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, EvalSpec, ExportSpec, FoldSpec, InspectSpec
 
 app = typer.Typer(
     help="Combine LoRA adapters with Layer-Aware Task Arithmetic (LATA), TA, TIES, DARE.",
@@ -150,7 +150,9 @@ def show_result(result: Any, as_json: bool) -> None:
     """Any verb's result: its JSON, or its tables."""
     from .api import CombineResult, InspectResult
 
-    if isinstance(result, CombineResult):
+    if isinstance(result, list):  # eval: one result per task
+        _print_json(result if len(result) > 1 else result[0]) if as_json else render.eval_table(result)
+    elif isinstance(result, CombineResult):
         if as_json:
             _print_json({**result.report, "out": str(result.out) if result.out else None})
         else:
@@ -169,7 +171,7 @@ def show_result(result: Any, as_json: bool) -> None:
         _print_json(result) if as_json else render.compare_summary(result)
 
 
-for _spec_class in (CombineSpec, InspectSpec, FoldSpec, ExportSpec, CompareSpec):
+for _spec_class in (CombineSpec, InspectSpec, FoldSpec, ExportSpec, CompareSpec, EvalSpec):
     spec_command(_spec_class, show_result, progress=_spec_class.verb in PROGRESS_VERBS)
 
 
@@ -189,60 +191,6 @@ def run(
     with bar.bar:
         result = _guarded(lambda: run_spec(spec, **({"progress": bar} if spec.verb in PROGRESS_VERBS else {})))
     show_result(result, as_json)
-
-
-@app.command("eval")
-def evaluate_command(
-    model: Annotated[str, typer.Argument(help="transformers model folder (the base).")],
-    task: Annotated[list[str], typer.Option("--task", help="wikitext2 | gsm8k | humaneval | ppl:FILE (repeatable).")],
-    adapter: Annotated[str | None, typer.Option(help="PEFT adapter folder applied to the model.")] = None,
-    fold: Annotated[list[str] | None, typer.Option(
-        "--fold", help="Adapters combined (TA) and folded into the model in memory before evaluating.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Examples (gsm8k, humaneval) or tokens (perplexity).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 8,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length (gsm8k 256, humaneval 512).")] = None,
-    shots: Annotated[int, typer.Option(help="GSM8K few-shot examples from the train split.")] = 0,
-    num_samples: Annotated[int, typer.Option(help="HumanEval samples per problem (pass@k).")] = 1,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --num-samples > 1).")] = 0.0,
-    four_bit: Annotated[bool, typer.Option("--4bit", help="Load the model in bitsandbytes NF4.")] = False,
-    data: Annotated[Path | None, typer.Option(help="Data file or folder (default: ../shared/data).")] = None,
-    unsafe_exec: Annotated[bool, typer.Option(
-        "--unsafe-exec", help="Run HumanEval's generated code even where no OS sandbox (bubblewrap) works: "
-        "UNISOLATED, for trusted models or a throwaway VM only (docs/SECURITY.md).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
-) -> None:
-    """Evaluate a model (with an adapter): WikiText-2 perplexity, GSM8K exact match, HumanEval pass@k."""
-    from .evaluate import evaluate
-
-    progress = RichProgress(enabled=not as_json)
-    results = []
-    with progress.bar:
-        source: Any = _guarded(lambda: _combined_in_memory(model, fold)) if fold else model
-        for name in task:
-            results.append(_guarded(lambda name=name: evaluate(
-                source, name, adapter=None if fold else adapter, tokenizer=model if fold else None, limit=limit,
-                batch_size=batch_size, max_new_tokens=max_new_tokens, four_bit=four_bit, shots=shots,
-                num_samples=num_samples, temperature=temperature, data=data, progress=progress,
-                unsafe_exec=unsafe_exec)))
-    if as_json:
-        _print_json(results if len(results) > 1 else results[0])
-    else:
-        render.eval_table(results)
-
-
-def _combined_in_memory(model: str, adapters: list[str]) -> Any:
-    """The model with the exact sum of ``adapters`` merged into its weights (PEFT merge of our output)."""
-    import tempfile
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory() as scratch:
-        from .api import combine
-
-        combine(adapters, Path(scratch) / "sum", base=model)
-        base = AutoModelForCausalLM.from_pretrained(model)
-        return PeftModel.from_pretrained(base, str(Path(scratch) / "sum")).merge_and_unload().eval()
 
 
 __all__ = ["app", "main", "spec_command"]

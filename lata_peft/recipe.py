@@ -2,7 +2,7 @@
 
 ```yaml
 # lata-peft run recipes/math_code_lata.yaml
-combine:                  # the verb: combine | inspect | fold | export | compare
+combine:                  # the verb: combine | inspect | fold | export | compare | eval
   adapters: [examples/adapters/math, examples/adapters/code]
   instruction: examples/adapters/instruct
   method: lata
@@ -25,13 +25,13 @@ import yaml
 from . import api
 from .errors import LataError, shorten
 from .spec import Spec
-from .specs import CombineSpec, CompareSpec, ExportSpec, FoldSpec, InspectSpec
+from .specs import CombineSpec, CompareSpec, EvalSpec, ExportSpec, FoldSpec, InspectSpec
 
 __all__ = ["PROGRESS_VERBS", "VERBS", "load_recipe", "run_recipe", "run_spec"]
 
 VERBS: dict[str, type[Spec]] = {spec.verb: spec for spec in (CombineSpec, InspectSpec, FoldSpec, ExportSpec,
-                                                              CompareSpec)}
-PROGRESS_VERBS = ("combine", "fold", "compare")
+                                                              CompareSpec, EvalSpec)}
+PROGRESS_VERBS = ("combine", "fold", "compare", "eval")
 """The verbs whose API call takes a ``progress`` (the others are quick, or print nothing while they run)."""
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -73,7 +73,7 @@ def load_recipe(path: str | Path, **overrides: Any) -> Spec:
 def run_spec(spec: Spec, **runtime: Any) -> Any:
     """Call the verb of ``spec`` (``runtime``: e.g. ``progress``)."""
     function = {"combine": api.combine, "inspect": api.inspect, "fold": api.fold, "export": api.export,
-                "compare": api.compare}[spec.verb]
+                "compare": api.compare, "eval": api.evaluate}[spec.verb]
     return function(spec, **runtime)
 
 

@@ -1,4 +1,4 @@
-"""The verbs' specs: ``combine``, ``inspect``, ``fold``, ``compare``. One field per option.
+"""The verbs' specs: ``combine``, ``inspect``, ``fold``, ``export``, ``compare``, ``eval``. One field per option.
 
 The CLI flags, the recipe keys, the API's keyword arguments and the reports all come from
 these fields (see :mod:`lata_peft.spec`). Cross-field rules live in each ``check``.
@@ -30,7 +30,7 @@ from .serving import TARGETS
 from .spec import Spec, option
 from .weighting import LayerWeighting
 
-__all__ = ["CombineSpec", "CompareSpec", "ExportSpec", "FoldSpec", "InspectSpec", "ScoringSpec"]
+__all__ = ["CombineSpec", "CompareSpec", "EvalSpec", "ExportSpec", "FoldSpec", "InspectSpec", "ScoringSpec"]
 
 Paths = tuple[str, ...]
 QUANT_STORAGE = ("uint8", "float16", "bfloat16", "float32")
@@ -305,3 +305,48 @@ class CompareSpec(Spec):
     def check(self) -> None:
         if not self.plan:
             raise LataError("compare needs a plan file")
+
+
+EVAL_TASKS = "wikitext2 | gsm8k | humaneval | ppl:FILE"
+
+
+@dataclass(frozen=True)
+class EvalSpec(Spec):
+    """Evaluate a model (with an adapter): WikiText-2 perplexity, GSM8K exact match, HumanEval pass@k."""
+
+    verb: ClassVar[str] = "eval"
+
+    model: str = option("", "transformers model folder (the base).", argument=True, path=True)
+    tasks: Paths = option((), f"{EVAL_TASKS} (repeatable).", flags=("--task",))
+    adapter: str | None = option(None, "PEFT adapter folder applied to the model.", path=True)
+    fold: Paths = option((), "Adapters combined (TA) and folded into the model in memory before evaluating.",
+                         flags=("--fold",), path=True)
+    limit: int | None = option(None, "Examples (gsm8k, humaneval) or tokens (perplexity).")
+    batch_size: int = option(8, "Batch size.")
+    max_new_tokens: int | None = option(None, "Generation length (gsm8k 256, humaneval 512).")
+    shots: int = option(0, "GSM8K few-shot examples from the train split.")
+    num_samples: int = option(1, "HumanEval samples per problem (pass@k).")
+    temperature: float = option(0.0, "Sampling temperature (with --num-samples > 1).")
+    four_bit: bool = option(False, "Load the model in bitsandbytes NF4.", flags=("--4bit",), key="4bit")
+    data: str | None = option(None, "Data file or folder (default: ../shared/data).", path=True)
+    unsafe_exec: bool = option(False, "Run HumanEval's generated code even where no OS sandbox (bubblewrap) works: "
+                                      "UNISOLATED, for trusted models or a throwaway VM only (docs/SECURITY.md).",
+                               flags=("--unsafe-exec",))
+
+    def check(self) -> None:
+        if not self.model:
+            raise LataError("eval needs a model folder")
+        if not self.tasks:
+            raise LataError(f"eval needs at least one --task ({EVAL_TASKS})")
+        if self.adapter and self.fold:
+            raise LataError("eval takes --adapter or --fold, not both")
+        if self.four_bit and self.fold:
+            raise LataError("eval --fold merges the adapters into full-precision weights; --4bit does not apply")
+        for name in ("batch_size", "num_samples", "limit", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise LataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.shots < 0:
+            raise LataError(f"--shots must be at least 0, got {self.shots}")
+        if self.temperature < 0:
+            raise LataError(f"--temperature must be at least 0, got {self.temperature}")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import lata_peft.api
 from lata_peft.cli import app
 from lata_peft.recipe import load_recipe
 
@@ -85,6 +86,14 @@ def test_every_shipped_recipe_runs(recipe, tmp_path, monkeypatch):
         result = runner.invoke(app, ["run", str(recipe), "--dry-run", "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["summary"]["modules"] > 0
+    elif spec.verb == "eval":
+        if not (Path(spec.model).expanduser() / "config.json").is_file():
+            pytest.skip(f"no base model at {spec.model} (recipes/prepare_base.py prepares it)")
+        for path in spec.fold:
+            assert (ROOT / path / "adapter_config.json").is_file(), path
+        result = runner.invoke(app, ["run", str(recipe), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["metrics"]["perplexity"] > 1
     else:
         from lata_peft import inspect
 
@@ -126,3 +135,25 @@ def test_eval_command_on_a_tiny_model(tmp_path, base, adapters):
     assert ppl[0] != pytest.approx(ppl[2], rel=1e-4)
     missing = runner.invoke(app, ["eval", str(folder), "--task", "ppl:/nonexistent.txt"])
     assert missing.exit_code == 2 and "/nonexistent.txt" in missing.output
+    # The same spec as a recipe and through the API.
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(yaml.safe_dump({"eval": {"model": str(folder), "tasks": [f"ppl:{text}"],
+                                               "fold": [str(adapters["plain"])]}}))
+    from_recipe = runner.invoke(app, ["run", str(recipe), "--json"])
+    assert from_recipe.exit_code == 0, from_recipe.output
+    assert json.loads(from_recipe.stdout)["metrics"]["perplexity"] == pytest.approx(ppl[1], rel=1e-6)
+    [from_api] = lata_peft.api.evaluate(str(folder), tasks=[f"ppl:{text}"], adapter=str(adapters["plain"]))
+    assert from_api["metrics"]["perplexity"] == pytest.approx(ppl[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "at least one --task"),
+    (["--task", "wikitext2", "--adapter", "a", "--fold", "b"], "--adapter or --fold, not both"),
+    (["--task", "wikitext2", "--fold", "b", "--4bit"], "--4bit does not apply"),
+    (["--task", "wikitext2", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--task", "wikitext2", "--temperature", "-1"], "--temperature must be at least 0"),
+])
+def test_eval_refusals_are_one_line(tmp_path, extra, message):
+    result = runner.invoke(app, ["eval", str(tmp_path), *extra])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
