@@ -312,19 +312,35 @@ def test_measure_splits_probe_examples_in_alternating_halves(monkeypatch: pytest
     assert set(whole) == {"metrics"} and whole["metrics"]["math_nll"] == pytest.approx(22.0 / 10)
 
 
+@pytest.mark.parametrize("kind", ["patterns", "embedding", "modules_to_save"])
 def test_merged_evaluation_gives_peft_logits_and_restores_the_weights_bit_for_bit(
-        base: torch.nn.Module, adapters: dict[str, Path], tokens: torch.Tensor) -> None:
+        base: torch.nn.Module, adapters: dict[str, Path], tokens: torch.Tensor, tmp_path: Path, kind: str) -> None:
+    """Only the adapted layers are kept aside, unless the adapter swaps a whole module in (a saved head):
+    either way the model is the same, bit for bit, afterwards."""
     import copy
 
-    from conftest import logits_with_adapter
+    from conftest import logits_with_adapter, perturbed_adapter
+    from peft import PeftModel
 
     from lata_peft.evaluate.loading import with_adapter
 
+    adapter = (perturbed_adapter(base, tmp_path / kind, 9, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+               if kind == "modules_to_save" else adapters[kind])
     model = copy.deepcopy(base)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = logits_with_adapter(base, adapters["patterns"], tokens)
-    with with_adapter(model, adapters["patterns"], restore=True, merge=True) as merged, torch.no_grad():
-        assert not any("lora" in name for name, _ in merged.named_modules())
+    expected = logits_with_adapter(base, adapter, tokens)
+    if kind == "modules_to_save":
+        with torch.no_grad():  # a saved head that differs from the base's
+            saved = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter))
+            assert not torch.equal(saved.base_model.model.lm_head.modules_to_save["default"].weight,
+                                   base.lm_head.weight)
+    with with_adapter(model, adapter, restore=True, merge=True) as merged, torch.no_grad():
+        assert not any("lora" in name or "modules_to_save" in name for name, _ in merged.named_modules())
         torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # Applied without merging, then removed (PEFT's unload alone would keep a swapped-in head).
+    with with_adapter(model, adapter, restore=True) as applied, torch.no_grad():
+        torch.testing.assert_close(applied(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

@@ -4,6 +4,7 @@ adapter on top (``PeftModel.from_pretrained``), and its tokenizer set up for bat
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,40 +95,74 @@ def load_model(
     return model.eval()
 
 
+def _wrap(model: torch.nn.Module, path: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    except Exception as exc:
+        raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {exc})") from None
+    return wrapped.eval()
+
+
+def _swaps_modules(path: Path) -> bool:
+    """Whether the adapter swaps whole modules in (``modules_to_save``, trainable tokens, a task type
+    with a saved head). PEFT's ``unload`` and ``merge_and_unload`` keep the swapped-in copies, so only a
+    snapshot of the whole model taken before restores those."""
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return True  # PEFT will say what is wrong; restore the safe way meanwhile
+    return bool(config.get("modules_to_save") or config.get("trainable_token_indices")
+                or config.get("task_type") not in (None, "CAUSAL_LM"))
+
+
+def _adapted_parameters(wrapped: Any) -> list[torch.nn.Parameter]:
+    """The parameters ``merge_and_unload`` writes in place: those of the base layers PEFT wrapped."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper as Swapping  # peft >= 0.15
+    except ImportError:  # pragma: no cover - older peft
+        from peft.utils import ModulesToSaveWrapper as Swapping
+    modules = list(wrapped.modules())
+    if any(isinstance(module, Swapping) for module in modules):
+        raise RuntimeError("an adapter whose config swaps no module in has swapped one in")
+    parameters = {id(p): p for module in modules if isinstance(module, BaseTunerLayer)
+                  for p in module.get_base_layer().parameters()}
+    return list(parameters.values())
+
+
 @contextlib.contextmanager
 def with_adapter(model: torch.nn.Module, adapter: PathLike | None, *, restore: bool,
                  merge: bool = False) -> Iterator[torch.nn.Module]:
     """``model`` with the PEFT adapter folder ``adapter`` applied (``PeftModel.from_pretrained``).
 
-    With ``restore`` (a model object the caller owns) the adapter layers are removed again on
-    exit (``PeftModel.unload``), leaving the caller's model as it was. With ``merge`` the adapter
-    is merged into the weights (``merge_and_unload``: the forward pass costs what the base's does);
-    with ``restore`` too, the original weights are copied back bit for bit on exit.
+    With ``restore`` (a model object the caller owns) the model is left as it was on exit, bit for
+    bit: the adapter layers are removed (``PeftModel.unload``) and, with ``merge``, the weights the
+    merge wrote are copied back (only the adapted layers' weights are kept aside, unless the adapter
+    swaps whole modules in: then the whole model is). With ``merge`` the adapter is merged into the
+    weights (``merge_and_unload``: the forward pass costs what the base's does).
     """
     if adapter is None:
         yield model
         return
-    from peft import PeftModel
-
     path = _folder(adapter, "adapter")
     if not (path / "adapter_config.json").is_file():
         raise LataError(f"{path}: not a PEFT adapter folder (no adapter_config.json)")
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()} if merge and restore else None
+    whole = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+             if restore and _swaps_modules(path) else None)
+    wrapped = _wrap(model, path)
+    kept = ([(p, p.detach().clone()) for p in _adapted_parameters(wrapped)]
+            if restore and merge and whole is None else [])
+    result = wrapped.merge_and_unload() if merge else wrapped
     try:
-        wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    except Exception as exc:
-        raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {exc})") from None
-    wrapped.eval()
-    if merge:
-        merged = wrapped.merge_and_unload()
-        try:
-            yield merged
-        finally:
-            if original is not None:
-                merged.load_state_dict(original)
-        return
-    try:
-        yield wrapped
+        yield result
     finally:
         if restore:
-            wrapped.unload()
+            unwrapped = result if merge else wrapped.unload()
+            with torch.no_grad():
+                for parameter, original in kept:
+                    parameter.copy_(original)
+            if whole is not None:
+                unwrapped.load_state_dict(whole)
