@@ -344,3 +344,34 @@ def test_merged_evaluation_gives_peft_logits_and_restores_the_weights_bit_for_bi
         torch.testing.assert_close(applied(tokens).logits, expected, rtol=1e-5, atol=1e-5)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+COMMUNITY = Path(__file__).resolve().parent / "data" / "community"
+
+
+@pytest.mark.parametrize("folder", [
+    "stathopoan__Apply-Lightweight-Fine-Tuning-to-a-Foundation-LLM-Model__lora_model",  # SEQ_CLS, modules_to_save null
+    "deepbiolab__gpt2-classification-peft__peft_model",  # SEQ_CLS, modules_to_save [classifier, score]
+    "HRF001__gemma-text-to-sql__adapter",  # CAUSAL_LM
+    "Ahsan-Asim__FineTune_GPT2_Math_Riddles__model",  # task_type null
+])
+def test_published_configs_swap_modules_exactly_when_peft_does(folder: str) -> None:
+    """Whether a merged evaluation must keep the whole model aside: PEFT, given the published config's
+    task type and modules_to_save on a tiny Llama of that task, swaps a module in exactly then."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.other import AuxiliaryTrainingWrapper
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from lata_peft.evaluate.loading import _swaps_modules
+
+    config = json.loads((COMMUNITY / folder / "adapter_config.json").read_text())
+    tiny = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_labels=3)
+    model = (LlamaForSequenceClassification if config.get("task_type") == "SEQ_CLS" else LlamaForCausalLM)(tiny)
+    peft_model = get_peft_model(model, LoraConfig(task_type=config.get("task_type"), target_modules=["q_proj"],
+                                                  modules_to_save=config.get("modules_to_save")))
+    swapped = any(isinstance(module, AuxiliaryTrainingWrapper) for module in peft_model.modules())
+    assert _swaps_modules(COMMUNITY / folder) == swapped
+    assert swapped == (config.get("task_type") == "SEQ_CLS")

@@ -4,7 +4,6 @@ adapter on top (``PeftModel.from_pretrained``), and its tokenizer set up for bat
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,15 +105,14 @@ def _wrap(model: torch.nn.Module, path: Path) -> Any:
 
 
 def _swaps_modules(path: Path) -> bool:
-    """Whether the adapter swaps whole modules in (``modules_to_save``, trainable tokens, a task type
-    with a saved head). PEFT's ``unload`` and ``merge_and_unload`` keep the swapped-in copies, so only a
+    """Whether the adapter swaps whole modules in (``modules_to_save``, the heads its task type implies,
+    trainable tokens). PEFT's ``unload`` and ``merge_and_unload`` keep the swapped-in copies, so only a
     snapshot of the whole model taken before restores those."""
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return True  # PEFT will say what is wrong; restore the safe way meanwhile
-    return bool(config.get("modules_to_save") or config.get("trainable_token_indices")
-                or config.get("task_type") not in (None, "CAUSAL_LM"))
+    from ..adapter import read_config_json
+    from ..full_weights import saved_modules
+
+    config = read_config_json(path)
+    return not isinstance(config, dict) or bool(saved_modules(config) or config.get("trainable_token_indices"))
 
 
 def _adapted_parameters(wrapped: Any) -> list[torch.nn.Parameter]:
