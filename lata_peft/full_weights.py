@@ -14,6 +14,7 @@ be carried through, when every input holding one agrees on it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .adapter_formats import KEY_PREFIX
-from .errors import LataError
+from .errors import LataError, first_line
 from .layers import safe_block
 from .methods import Method, merge_terms, module_generator
 from .models import weight_files
@@ -81,6 +82,23 @@ class BaseWeights:
             if candidate in self._files:
                 return candidate
         return None
+
+    def stored_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of parameter ``name`` from its file's header (a 4-bit weight's from its bitsandbytes
+        quant state), without reading the tensor; ``None`` if the base lacks it."""
+        key = self.key_for(name)
+        if key is None:
+            return None
+        handle = self._files[key]
+        state = f"{key}.quant_state.bitsandbytes__nf4"
+        if state not in handle.keys:
+            state = f"{key}.quant_state.bitsandbytes__fp4"
+        if state in handle.keys:  # bitsandbytes' QuantState.as_dict(packed=True): a JSON dict stored as bytes
+            try:
+                return tuple(json.loads(bytes(handle.get_tensor(state).numpy()))["shape"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise LataError(f"{handle.path}: unreadable 4-bit quant state of {key} ({first_line(exc)})") from None
+        return tuple(handle.location(key)[0]["shape"])
 
     def get(self, name: str) -> torch.Tensor | None:
         """The tensor of parameter ``name`` (see :meth:`key_for`), or ``None`` if the base lacks it."""

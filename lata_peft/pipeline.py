@@ -30,7 +30,7 @@ from .outputs import prepare_output
 from .progress import Progress
 from .scoring import LayerScore, score_layers
 from .specs import CombineSpec, ScoringSpec
-from .validate import check_compatible
+from .validate import check_against_base, check_compatible
 from .weighting import LayerWeights, weigh
 
 __all__ = ["Inputs", "assemble", "check", "is_dora", "labels_of", "load", "load_inputs", "merge", "score", "weight"]
@@ -52,6 +52,7 @@ class Inputs:
     base: Path | None = None
     target: Path | None = None
     base_weights: BaseWeights | None = None
+    base_model: Path | None = None
 
     def release(self) -> None:
         """Drop the loaded adapters and the instruction vector (their tensors are freed unless held elsewhere);
@@ -113,7 +114,7 @@ def assemble(tasks: list[Adapter], instruction: Instruction | None, signs: list[
     blocks = dict(sorted(blocks.items()))
     needs_base = any(adapter.full for adapter in scored) or bool(dora)
     base_weights = BaseWeights(base_model) if base_model is not None and needs_base else None
-    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target, base_weights)
+    return Inputs(tasks, labels_of(tasks), signs, scales, instruction, blocks, base, target, base_weights, base_model)
 
 
 def is_dora(adapter: Adapter) -> bool:
@@ -138,9 +139,15 @@ def load(spec: CombineSpec) -> Inputs:
 
 
 def check(inputs: Inputs, strict: bool = False) -> None:
-    """Same base model (``strict``: refuse, else warn) and the same shape for every shared module."""
+    """Same base model (``strict``: refuse, else warn) and the same shape for every shared module; with a base
+    model (``--base`` or the fold's), no adapted module's base weight has another shape (and a fold's base has
+    every one)."""
     instruction = [inputs.instruction] if isinstance(inputs.instruction, Adapter) else []
-    check_compatible([*inputs.tasks, *instruction], strict=strict)
+    adapters = [*inputs.tasks, *instruction]
+    check_compatible(adapters, strict=strict)
+    if inputs.base_model is not None:
+        base = inputs.base_weights or BaseWeights(inputs.base_model)
+        check_against_base(adapters, base, folding=inputs.base is not None)
 
 
 def score(inputs: Inputs, granularity: str, device: str = "cpu") -> dict[str, list[LayerScore]]:

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 from .adapter import CONFIG_NAME, Adapter
 from .errors import LataError, shorten
+from .full_weights import BaseWeights
 
-__all__ = ["check_compatible"]
+__all__ = ["check_against_base", "check_compatible"]
 
 
 def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
@@ -44,3 +45,29 @@ def check_compatible(adapters: Sequence[Adapter], strict: bool = False) -> None:
                     f"{owner.path} it is {kind} {shape}: the adapters are not for the same base model"
                 )
 
+
+
+def check_against_base(adapters: Sequence[Adapter], base: BaseWeights, folding: bool = False) -> None:
+    """Every adapted module that ``base`` has a weight for has it in the module's weight-space shape (read from
+    the files' headers, before any merge); with ``folding`` every module must have one. An adapter for another
+    model is refused in one line naming both.
+
+    Without a fold a missing weight is let through: transformers may store a model under other names than its
+    modules carry (its checkpoint conversion mappings, e.g. ViT's ``encoder.layer.N.attention.attention.query``
+    for ``layers.N.attention.q_proj``), and loading the adapter maps them; a fold writes the base's own names.
+    """
+    for adapter in adapters:
+        for name, module in adapter.modules.items():
+            rows, columns = module.delta.shape
+            shape = base.stored_shape(f"{name}.weight")
+            if shape is None:
+                if folding:
+                    raise LataError(f"{adapter.path}: adapts {name}, but the base model {base.folder} has no weight "
+                                    f"{name}.weight: the adapter is not for this base model")
+                continue
+            numel = 1
+            for size in shape:
+                numel *= size
+            if not shape or shape[0] != rows or numel != rows * columns:
+                raise LataError(f"{adapter.path}: module {name} is {(rows, columns)} but {name}.weight in the base "
+                                f"model {base.folder} is {shape}: the adapter is not for this base model")

@@ -157,3 +157,38 @@ def test_eval_refusals_are_one_line(tmp_path, extra, message):
     result = runner.invoke(app, ["eval", str(tmp_path), *extra])
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_another_models_adapter_is_refused_in_one_short_line(tmp_path, base, adapters):
+    """``combine --base``, ``inspect --base`` and ``eval --fold`` check shapes against the base's headers before
+    merging; ``eval --adapter`` reaches PEFT, whose multi-line refusal is cut to its first size mismatch."""
+    from conftest import make_adapter
+    from test_evaluate import tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    wrong = make_adapter(tmp_path / "wrong", other, 3)
+    folder = tmp_path / "model"
+    base.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+    out = tmp_path / "out"
+    for args, problem in [
+        (["combine", str(wrong), "--base", str(folder), "-o", str(out)], "not for this base"),
+        (["inspect", str(wrong), "--base", str(folder)], "not for this base"),
+        (["eval", str(folder), "--task", f"ppl:{text}", "--fold", str(wrong)], "not for this base"),
+        (["eval", str(folder), "--task", f"ppl:{text}", "--adapter", str(wrong)], "size mismatch"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # after any load bar
+        assert len(errors) == 1 and errors[0] == result.output.strip().splitlines()[-1], result.output
+        line = errors[0]
+        assert len(line) < 600, line
+        assert problem in line and str(wrong) in line, line
+        assert not out.exists()
+    combined = runner.invoke(app, ["combine", str(adapters["plain"]), "--base", str(folder), "-o", str(out)])
+    assert combined.exit_code == 0, combined.output  # the right model's adapter passes the same check

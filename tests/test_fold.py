@@ -147,6 +147,23 @@ def test_four_bit_base_is_dequantised_once(tmp_path, wide):
     torch.testing.assert_close(dequantized(dict(reloaded.named_modules())[name]), bnbf.dequantize_4bit(once, state))
 
 
+def test_base_shapes_come_from_headers_and_4bit_quant_states(tmp_path, wide):
+    """The shape check before a merge reads a 4-bit base's shapes from bitsandbytes' quant state: the
+    unquantised model's parameter shapes, while the packed tensors are (n/2, 1)."""
+    from lata_peft.full_weights import BaseWeights
+
+    model, base_dir, _, _ = wide
+    quantized_base = tmp_path / "q4base"
+    AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, **QUANT)).save_pretrained(quantized_base)
+    packed = load_all(quantized_base)["model.layers.0.mlp.down_proj.weight"]
+    assert packed.shape[1] == 1
+    full, four_bit = BaseWeights(base_dir), BaseWeights(quantized_base)
+    for name, parameter in model.named_parameters():
+        assert full.stored_shape(name) == four_bit.stored_shape(name) == tuple(parameter.shape), name
+    assert full.stored_shape("model.layers.9.mlp.down_proj.weight") is None
+
+
 def test_four_bit_base_keeps_untouched_weights_bit_for_bit(tmp_path, wide):
     model, base_dir, _, _ = wide
     quantized_base = tmp_path / "q4base"

@@ -13,7 +13,7 @@ import torch
 
 from ..devices import default_device
 from ..dtypes import parse_dtype
-from ..errors import LataError
+from ..errors import LataError, first_line
 
 PathLike = str | os.PathLike[str]
 
@@ -100,8 +100,16 @@ def _wrap(model: torch.nn.Module, path: Path) -> Any:
     try:
         wrapped = PeftModel.from_pretrained(model, str(path), is_trainable=False)
     except Exception as exc:
-        raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {exc})") from None
+        raise LataError(f"{path}: cannot apply the adapter ({type(exc).__name__}: {_reason(exc)})") from None
     return wrapped.eval()
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's first line, and the line after it when the first only introduces a list (torch's
+    ``Error(s) in loading state_dict for ...:`` then one ``size mismatch ...`` line per tensor), cut short."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    return first_line(head or type(exc).__name__, limit=300)
 
 
 def _swaps_modules(path: Path) -> bool:
