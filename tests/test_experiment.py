@@ -10,7 +10,7 @@ import yaml
 
 from lata_peft import LataError
 from lata_peft.evaluate import prompts
-from lata_peft.experiment import analysis, grid, probes
+from lata_peft.experiment import analysis, grid, probes, report
 from lata_peft.experiment import plan as plans
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -375,3 +375,27 @@ def test_published_configs_swap_modules_exactly_when_peft_does(folder: str) -> N
     swapped = any(isinstance(module, AuxiliaryTrainingWrapper) for module in peft_model.modules())
     assert _swaps_modules(COMMUNITY / folder) == swapped
     assert swapped == (config.get("task_type") == "SEQ_CLS")
+
+
+def test_questions_group_pairs_that_differ_by_the_same_words() -> None:
+    assert analysis.question("ta_lata", "ta") == analysis.question("iso_cts_lata", "iso_cts") == "+lata"
+    assert analysis.question("ties_core", "ties_full") == analysis.question("dare_ties_core", "dare_ties_full")
+    assert analysis.question("ties_core", "ties_full") == "core vs full"
+    assert analysis.question("tsv", "ta") == "tsv vs ta"
+    assert analysis.question("ties", "ties_lata") == "-lata"
+
+
+def test_one_table_counts_the_best_lambda_verdicts_per_question() -> None:
+    """Three seeds; TA + LATA beats TA on every seed, TSV + LATA ties TSV (one seed the other way), and the
+    report's one-table row for ``+lata`` says 1 / 1 / 0 over its 2 pairs; TSV vs TA, a question of its own, loses."""
+    plan = {**small_plan(), "methods": [{"name": n, "method": "ta"} for n in ("ta", "ta_lata", "tsv", "tsv_lata")],
+            "comparisons": [["ta_lata", "ta"], ["tsv_lata", "tsv"], ["tsv", "ta"]], "lambdas": {"add": [1.0]}}
+    plan["settings"] = plan["settings"][:1]
+    values = {"ta": [1.0, 1.0, 1.0], "ta_lata": [0.9, 0.9, 0.9], "tsv": [1.1, 1.1, 1.1], "tsv_lata": [1.0, 1.2, 1.0]}
+    records = [record(t, "add", m, 1.0, math_nll=v[t]) for m, v in values.items() for t in range(3)]
+    tuned = experiment.verdicts(records, plan, tuned=True)
+    assert analysis.tally(tuned) == {"+lata": {("add", "math_nll"): [1, 1, 0]},
+                                     "tsv vs ta": {("add", "math_nll"): [0, 0, 1]}}
+    lines = report.tally_table(plan, tuned)
+    assert "| +lata | 2 | 1/1/0 |" in lines and "| tsv vs ta | 1 | 0/0/1 |" in lines
+    assert "| question | pairs | add: math_nll |" in lines

@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-__all__ = ["BASELINES", "comparisons", "main_records", "summarise", "tuned_lambdas", "verdicts",
+__all__ = ["BASELINES", "comparisons", "main_records", "question", "summarise", "tally", "tuned_lambdas", "verdicts",
            "with_selectivity"]
 
 BASELINES = ("ta", "ties", "dare", "dare_ties")
@@ -119,3 +119,31 @@ def verdicts(records: list[dict[str, Any]], plan: dict[str, Any], tuned: bool = 
                                  "baseline": other, "outcome": outcome, "n": len(diffs),
                                  "mean_gain": statistics.fmean(diffs)})
     return rows
+
+
+def question(ours: str, baseline: str) -> str:
+    """What a compared pair asks, from the ``_``-separated words of the two names that the other lacks:
+    ``ta_lata`` vs ``ta`` and ``tsv_lata`` vs ``tsv`` both ask ``+lata``; ``ties_core`` vs ``ties_full`` and
+    ``dare_ties_core`` vs ``dare_ties_full`` ask ``core vs full``; ``tsv`` vs ``ta`` asks ``tsv vs ta``."""
+    mine, theirs = ours.split("_"), baseline.split("_")
+    only_mine = [word for word in mine if word not in theirs]
+    only_theirs = [word for word in theirs if word not in mine]
+    if only_mine and only_theirs:
+        return f"{'_'.join(only_mine)} vs {'_'.join(only_theirs)}"
+    if only_mine:
+        return "+" + "_".join(only_mine)
+    if only_theirs:
+        return "-" + "_".join(only_theirs)
+    return f"{ours} vs {baseline}"
+
+
+def tally(rows: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], list[int]]]:
+    """Verdict rows (:func:`verdicts`) counted per :func:`question`: ``{question: {(setting, metric): [wins,
+    ties, losses]}}`` over the question's pairs, lambdas as they come (pass the ``tuned`` rows for the picked
+    lambda), in the order first seen."""
+    counts: dict[str, dict[tuple[str, str], list[int]]] = {}
+    for row in rows:
+        cell = counts.setdefault(question(row["ours"], row["baseline"]), {}).setdefault(
+            (row["setting"], row["metric"]), [0, 0, 0])
+        cell[("win", "tie", "loss").index(row["outcome"])] += 1
+    return counts

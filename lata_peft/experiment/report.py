@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..outputs import replace_text
-from .analysis import comparisons, main_records, summarise, tuned_lambdas, verdicts, with_selectivity
+from .analysis import comparisons, main_records, question, summarise, tally, tuned_lambdas, verdicts, with_selectivity
 from .plan import adapter_paths, method_of
 
 __all__ = ["markdown", "write_report"]
@@ -95,9 +95,12 @@ def markdown(plan: dict[str, Any], records: list[dict[str, Any]], summary: dict[
     split = any("validation" in r for r in main)
     if split:
         lines += ["", *tuned_table(plan, main)]
-    rows = verdicts(main, plan) + verdicts(main, plan, tuned=True)
+    tuned = verdicts(main, plan, tuned=True)
+    rows = verdicts(main, plan) + tuned
     if rows:
         lines += ["", *verdict_table(plan, rows, split)]
+    if tuned:
+        lines += ["", *tally_table(plan, tuned)]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(lines) + "\n"
 
@@ -165,6 +168,25 @@ def verdict_table(plan: dict[str, Any], rows: list[dict[str, Any]], split: bool)
             else:
                 cells.append(f"{outcomes.count('win')} / {outcomes.count('tie')} / {outcomes.count('loss')}")
         lines.append(f"| {setting} | {lam} | {metric} | {'-'.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tally_table(plan: dict[str, Any], tuned: list[dict[str, Any]]) -> list[str]:
+    """The ``best``-lambda verdicts in one table: per question (:func:`~.analysis.question`: ``+lata``,
+    ``core vs full``, ...), wins / ties / losses over its pairs, per setting and goal metric."""
+    counts = tally(tuned)
+    pairs: dict[str, set[tuple[str, str]]] = {}
+    for row in tuned:
+        pairs.setdefault(question(row["ours"], row["baseline"]), set()).add((row["ours"], row["baseline"]))
+    columns = [(s["name"], metric) for s in plan["settings"] for metric in s["goals"]
+               if any((s["name"], metric) in cells for cells in counts.values())]
+    lines = ["In one table: each question's wins / ties / losses over its pairs (the verdicts at lambda `best` "
+             "above; a question groups the pairs whose names differ by the same words).", "",
+             "| question | pairs | " + " | ".join(f"{setting}: {metric}" for setting, metric in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    for name, cells in counts.items():
+        shown = ["/".join(map(str, cells[column])) if column in cells else "-" for column in columns]
+        lines.append(f"| {name} | {len(pairs[name])} | " + " | ".join(shown) + " |")
     return lines
 
 
