@@ -89,11 +89,12 @@ class BaseWeights:
         key = self.key_for(name)
         if key is None:
             return None
+        from .fold import QUANT_STATE_PARTS
+
         handle = self._files[key]
-        state = f"{key}.quant_state.bitsandbytes__nf4"
-        if state not in handle.keys:
-            state = f"{key}.quant_state.bitsandbytes__fp4"
-        if state in handle.keys:  # bitsandbytes' QuantState.as_dict(packed=True): a JSON dict stored as bytes
+        state = next((f"{key}.{part}" for part in QUANT_STATE_PARTS
+                      if part.startswith("quant_state.") and f"{key}.{part}" in handle.keys), None)
+        if state is not None:  # bitsandbytes' QuantState.as_dict(packed=True): a JSON dict stored as bytes
             try:
                 return tuple(json.loads(bytes(handle.get_tensor(state).numpy()))["shape"])
             except (ValueError, KeyError, TypeError) as exc:

@@ -4,6 +4,7 @@ Output paths are checked in :mod:`lata_peft.outputs`."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -65,9 +66,6 @@ def check_against_base(adapters: Sequence[Adapter], base: BaseWeights, folding: 
                     raise LataError(f"{adapter.path}: adapts {name}, but the base model {base.folder} has no weight "
                                     f"{name}.weight: the adapter is not for this base model")
                 continue
-            numel = 1
-            for size in shape:
-                numel *= size
-            if not shape or shape[0] != rows or numel != rows * columns:
+            if not shape or shape[0] != rows or math.prod(shape) != rows * columns:
                 raise LataError(f"{adapter.path}: module {name} is {(rows, columns)} but {name}.weight in the base "
                                 f"model {base.folder} is {shape}: the adapter is not for this base model")
