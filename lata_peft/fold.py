@@ -29,6 +29,7 @@ import torch
 from .adapter import LoraModule
 from .dtypes import DTYPES
 from .errors import LataError
+from .full_weights import holds_delta
 from .models import read_model_config, weight_files
 from .outputs import check_free_space
 from .shards import SHARD_BYTES, ShardWriter, TensorFile, copy_side_files, iter_tensors, release_memory
@@ -246,7 +247,7 @@ def fold_weight(weight: torch.Tensor, module: LoraModule, key: str, base: Path, 
     on the CPU.
     """
     delta = module.delta
-    if weight.shape[0] != delta.shape[0] or weight.numel() != delta.shape[0] * delta.shape[1]:
+    if not holds_delta(weight.shape, delta.shape):
         raise LataError(f"{base}: {key} has shape {tuple(weight.shape)} but the adapter's delta is "
                         f"{delta.shape}: the adapter is not for this base model")
     if in_place and weight.dtype != torch.float32:

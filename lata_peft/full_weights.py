@@ -15,6 +15,7 @@ be carried through, when every input holding one agrees on it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,14 @@ def saves(module: str, names: list[str]) -> str | None:
     return next((name for name in names if any(prefix.endswith(name) for prefix in prefixes)), None)
 
 
+def holds_delta(weight_shape: Sequence[int], delta_shape: Sequence[int]) -> bool:
+    """Whether a base weight of ``weight_shape`` takes a weight-space delta of ``delta_shape`` ``(rows, columns)``
+    (see :mod:`lata_peft.adapter`): the same rows and as many entries, so a convolution's ``(out, in, kh, kw)``
+    takes ``(out, in * kh * kw)``."""
+    rows, columns = delta_shape
+    return len(weight_shape) > 0 and weight_shape[0] == rows and math.prod(weight_shape) == rows * columns
+
+
 class BaseWeights:
     """The base model's tensors by name, read one at a time from its safetensors files (never
     the whole model). Names are tried as given, then with or without a leading ``model.``
@@ -114,7 +123,7 @@ class BaseWeights:
         if key is None:
             raise LataError(f"{self.folder}: has no weight {name} (the adapter's module {module} needs it)")
         tensor = self._files[key].get_tensor(key)
-        if not tensor.is_floating_point() or tensor.shape[0] != shape[0] or tensor.numel() != shape[0] * shape[1]:
+        if not tensor.is_floating_point() or not holds_delta(tensor.shape, shape):
             kind = str(tensor.dtype).removeprefix("torch.")
             raise LataError(f"{self.folder}: {name} is {kind} {tuple(tensor.shape)} but the adapter's module is "
                             f"{shape}: pass the full-precision base model the adapter was trained on (--base BASE)")

@@ -4,13 +4,12 @@ Output paths are checked in :mod:`lata_peft.outputs`."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
 from .adapter import CONFIG_NAME, Adapter
 from .errors import LataError, shorten
-from .full_weights import BaseWeights
+from .full_weights import BaseWeights, holds_delta
 
 __all__ = ["check_against_base", "check_compatible"]
 
@@ -59,13 +58,13 @@ def check_against_base(adapters: Sequence[Adapter], base: BaseWeights, folding: 
     """
     for adapter in adapters:
         for name, module in adapter.modules.items():
-            rows, columns = module.delta.shape
             shape = base.stored_shape(f"{name}.weight")
             if shape is None:
                 if folding:
                     raise LataError(f"{adapter.path}: adapts {name}, but the base model {base.folder} has no weight "
                                     f"{name}.weight: the adapter is not for this base model")
                 continue
-            if not shape or shape[0] != rows or math.prod(shape) != rows * columns:
-                raise LataError(f"{adapter.path}: module {name} is {(rows, columns)} but {name}.weight in the base "
-                                f"model {base.folder} is {shape}: the adapter is not for this base model")
+            delta = tuple(module.delta.shape)
+            if not holds_delta(shape, delta):
+                raise LataError(f"{adapter.path}: module {name} is {delta} but {name}.weight in the base model "
+                                f"{base.folder} is {shape}: the adapter is not for this base model")

@@ -164,6 +164,25 @@ def test_base_shapes_come_from_headers_and_4bit_quant_states(tmp_path, wide):
     assert full.stored_shape("model.layers.9.mlp.down_proj.weight") is None
 
 
+def test_one_rule_says_which_base_weight_takes_a_delta():
+    """``holds_delta`` (used by the pre-merge check, the fold and full-parameter merging) accepts PEFT's own
+    delta for each kind of layer flattened to weight space, and refuses it transposed or a row short."""
+    from peft import LoraConfig, get_peft_model
+
+    from lata_peft.full_weights import holds_delta
+
+    layers = {"linear": torch.nn.Linear(6, 4), "embed": torch.nn.Embedding(9, 5), "conv": torch.nn.Conv2d(3, 4, (2, 3))}
+    model = get_peft_model(torch.nn.ModuleDict(layers), LoraConfig(r=2, target_modules=list(layers)))
+    for name, layer in layers.items():
+        peft_delta = model.base_model.model[name].get_delta_weight("default")
+        rows = peft_delta.shape[0]
+        flat = (rows, peft_delta.numel() // rows)
+        assert holds_delta(layer.weight.shape, flat), name
+        assert not holds_delta(layer.weight.shape, flat[::-1]), name
+        assert not holds_delta(layer.weight.shape, (rows - 1, flat[1])), name
+    assert not holds_delta((), (1, 1))
+
+
 def test_four_bit_base_keeps_untouched_weights_bit_for_bit(tmp_path, wide):
     model, base_dir, _, _ = wide
     quantized_base = tmp_path / "q4base"
