@@ -8,7 +8,8 @@ factors for that one module, in fp32; a DoRA module's exact ``m (W + sBA) / ||W 
 the very ``W`` folded into, as PEFT's ``merge_and_unload``). With ``four_bit`` every weight that transformers
 would quantise is quantised once with bitsandbytes NF4 (``quantize_4bit``) and stored
 in transformers' pre-quantised layout (``weight``, ``weight.absmax``, ``weight.quant_map``,
-``weight.quant_state.bitsandbytes__nf4``, ...), with ``quantization_config`` in
+``weight.quant_state.bitsandbytes__nf4``, ...; a GPT-2 ``Conv1D`` weight transposed to ``(out, in)``, as
+transformers quantises it), with ``quantization_config`` in
 ``config.json``, so ``AutoModelForCausalLM.from_pretrained(OUT)`` reloads ``Linear4bit``
 modules. In a 4-bit base, a weight an adapter changes is dequantised once, changed and
 quantised once; the others are copied bit for bit when they are already in the NF4 format
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ class NF4:
     storage: str
     skip: list[str] | None
     modules: set[str]
+    transposed: set[str] = field(default_factory=set)
+    """Of ``modules``: GPT-2 ``Conv1D`` layers, whose ``(in, out)`` weight transformers quantises as its
+    transpose (``integrations/bitsandbytes.py``: ``if issubclass(module.source_cls, Conv1D): value = value.T``)."""
 
     @classmethod
     def resolve(cls, config: dict[str, Any], quant: QuantOptions, base_quant: dict[str, Any] | None) -> NF4:
@@ -85,9 +89,9 @@ class NF4:
         double_quant = quant.double_quant if quant.double_quant is not None else settings.get(
             "bnb_4bit_use_double_quant", True)
         skip = settings.get("llm_int8_skip_modules")
+        modules, transposed = quantizable_modules(config, skip)
         return cls(quant.blocksize or 64, DTYPES.get(str(compute), torch.float32), double_quant,
-                   quant.quant_storage or settings.get("bnb_4bit_quant_storage", "uint8"), skip,
-                   quantizable_modules(config, skip))
+                   quant.quant_storage or settings.get("bnb_4bit_quant_storage", "uint8"), skip, modules, transposed)
 
     def block_rows(self, shape: torch.Size | tuple[int, ...]) -> int | None:
         """Rows per quantisation call (:func:`block_rows`; rows of whole NF4 blocks), ``None``: one call."""
@@ -205,11 +209,13 @@ def _base_quantization(config: dict[str, Any], base: Path) -> dict[str, Any] | N
     )
 
 
-def quantizable_modules(config: dict[str, Any], skip: list[str] | None) -> set[str]:
-    """Names of the modules transformers turns into ``Linear4bit`` when loading this config in 4-bit."""
+def quantizable_modules(config: dict[str, Any], skip: list[str] | None) -> tuple[set[str], set[str]]:
+    """Names of the modules transformers turns into ``Linear4bit`` when loading this config in 4-bit
+    (``nn.Linear`` and GPT-2's ``Conv1D``, as ``replace_with_bnb_linear``), and which of them are ``Conv1D``."""
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.bitsandbytes import should_convert_module
+    from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import get_keys_to_not_convert
 
     clean = {k: v for k, v in config.items() if k != "quantization_config"}
@@ -217,8 +223,10 @@ def quantizable_modules(config: dict[str, Any], skip: list[str] | None) -> set[s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     not_convert = list(get_keys_to_not_convert(model)) + list(skip or [])
-    return {name for name, module in model.named_modules()
-            if type(module) is nn.Linear and should_convert_module(name, not_convert)}
+    converted = {name: isinstance(module, Conv1D) for name, module in model.named_modules()
+                 if (isinstance(module, Conv1D) or type(module) is nn.Linear)
+                 and should_convert_module(name, not_convert)}
+    return set(converted), {name for name, conv1d in converted.items() if conv1d}
 
 
 def _same_format(state: Any, packed: torch.Tensor, blocksize: int, double_quant: bool, storage: str) -> bool:
@@ -281,10 +289,12 @@ def fold_modules(
     base_quant = _base_quantization(config, base)
     four_bit = four_bit or base_quant is not None
     nf4 = NF4.resolve(config, quant, base_quant) if four_bit else None
-    if four_bit and any(m.kind == "linear_t" for m in modules.values()):
-        raise LataError(f"{base}: 4-bit folding of fan_in_fan_out (Conv1D) modules is not supported")
     targets = {f"{name}.weight": module for name, module in modules.items()}
     dense = {**(dense or {}), **{f"{name}.bias": m.bias for name, m in modules.items() if m.bias is not None}}
+    if nf4 is not None and nf4.transposed:  # a 4-bit Conv1D weight is W^T: add dW^T
+        targets = {key: _transposed(module) if _conv1d(key, nf4) and module.kind == "linear_t" else module
+                   for key, module in targets.items()}
+        dense = {key: delta.T if _conv1d(key, nf4) and delta.ndim == 2 else delta for key, delta in dense.items()}
     writer = ShardWriter(folder, {"format": "pt"})  # one key: see writing.save_adapter_files
     result = FoldResult(folder, four_bit, 0, 0)
     files = [TensorFile(path) for path in weight_files(base)]
@@ -355,6 +365,8 @@ def _read_weight(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
     requested format was copied bit for bit (never requantised)."""
     tensor = handle.get_tensor(key)
     if nf4 is None or not key.endswith(".weight") or f"{key}{QUANT_STATE_SUFFIX}" not in handle.keys:
+        if _conv1d(key, nf4) and tensor.ndim == 2:  # a full-precision Conv1D weight about to be quantised
+            tensor = tensor.T.contiguous()
         return tensor, tensor.dtype, False
     import bitsandbytes.functional as bnbf
 
@@ -369,6 +381,20 @@ def _read_weight(key: str, handle: TensorFile, targets: dict[str, LoraModule], d
         result.copied += 1
         return None
     return bnbf.dequantize_4bit(tensor.to(device), quant_state).float(), nf4.compute_dtype, True
+
+
+def _conv1d(key: str, nf4: NF4 | None) -> bool:
+    """True for the weight of a ``Conv1D`` layer that is written in 4-bit, hence transposed (``NF4.transposed``)."""
+    return nf4 is not None and key.endswith(".weight") and key.removesuffix(".weight") in nf4.transposed
+
+
+def _transposed(module: LoraModule) -> LoraModule:
+    """A ``linear_t`` (Conv1D) module as the ``linear`` module of the transposed weight ``W^T`` (out, in):
+    factors ``(s B A)^T``; an exact merge evaluated on ``W`` and transposed back; DoRA's norm per output feature
+    is the same norm (columns of ``W``, rows of ``W^T``)."""
+    exact = module.exact
+    return replace(module, delta=module.delta.transposed(), kind="linear",
+                   exact=None if exact is None else lambda weight: exact(weight.T).T)
 
 
 def _fold_whole(key: str, weight: torch.Tensor, base_dtype: torch.dtype, owned: bool, quantized: bool,

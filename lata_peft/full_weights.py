@@ -94,21 +94,30 @@ class BaseWeights:
 
     def stored_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of parameter ``name`` from its file's header (a 4-bit weight's from its bitsandbytes
-        quant state), without reading the tensor; ``None`` if the base lacks it."""
+        quant state: a GPT-2 ``Conv1D`` weight's transposed, as transformers quantises it), without reading
+        the tensor; ``None`` if the base lacks it."""
         key = self.key_for(name)
         if key is None:
             return None
-        from .fold import QUANT_STATE_PARTS
-
-        handle = self._files[key]
-        state = next((f"{key}.{part}" for part in QUANT_STATE_PARTS
-                      if part.startswith("quant_state.") and f"{key}.{part}" in handle.keys), None)
+        handle, state = self._files[key], self._quant_state(key)
         if state is not None:  # bitsandbytes' QuantState.as_dict(packed=True): a JSON dict stored as bytes
             try:
                 return tuple(json.loads(bytes(handle.get_tensor(state).numpy()))["shape"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise LataError(f"{handle.path}: unreadable 4-bit quant state of {key} ({first_line(exc)})") from None
         return tuple(handle.location(key)[0]["shape"])
+
+    def quantized(self, name: str) -> bool:
+        """True if the base stores parameter ``name`` in bitsandbytes 4-bit."""
+        key = self.key_for(name)
+        return key is not None and self._quant_state(key) is not None
+
+    def _quant_state(self, key: str) -> str | None:
+        from .fold import QUANT_STATE_PARTS
+
+        keys = self._files[key].keys
+        return next((f"{key}.{part}" for part in QUANT_STATE_PARTS
+                     if part.startswith("quant_state.") and f"{key}.{part}" in keys), None)
 
     def get(self, name: str) -> torch.Tensor | None:
         """The tensor of parameter ``name`` (see :meth:`key_for`), or ``None`` if the base lacks it."""

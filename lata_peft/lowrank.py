@@ -70,6 +70,10 @@ class LowRank:
         """Same delta with its factors on ``device``."""
         return LowRank(self.B.to(device), self.A.to(device), self.scale)
 
+    def transposed(self) -> LowRank:
+        """The delta's transpose, still factored: ``(s B A)^T = s A^T B^T``."""
+        return LowRank(self.A.T, self.B.T, self.scale)
+
     def scaled(self, coefficient: float) -> LowRank:
         return LowRank(self.B, self.A, self.scale * coefficient)
 

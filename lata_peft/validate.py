@@ -65,6 +65,8 @@ def check_against_base(adapters: Sequence[Adapter], base: BaseWeights, folding: 
                                     f"{name}.weight: the adapter is not for this base model")
                 continue
             delta = tuple(module.delta.shape)
+            if module.kind == "linear_t" and base.quantized(f"{name}.weight"):
+                delta = delta[::-1]  # transformers quantises a Conv1D weight transposed
             if not holds_delta(shape, delta):
                 raise LataError(f"{adapter.path}: module {name} is {delta} but {name}.weight in the base model "
                                 f"{base.folder} is {shape}: the adapter is not for this base model")

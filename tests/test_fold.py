@@ -9,7 +9,7 @@ import json
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
-from conftest import make_adapter, peft_delta_weights, tiny_llama
+from conftest import make_adapter, peft_delta_weights, perturbed_adapter, tiny_llama
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
@@ -206,6 +206,62 @@ def test_four_bit_base_keeps_untouched_weights_bit_for_bit(tmp_path, wide):
     base4 = dict(AutoModelForCausalLM.from_pretrained(quantized_base, device_map="cpu").named_modules())
     name = "model.layers.1.mlp.down_proj"
     assert torch.equal(dequantized(reloaded[name]), dequantized(base4[name]))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A GPT-2 (``Conv1D`` layers, weights stored (in, out)) with widths of whole NF4 blocks, and two adapters
+    of it: a plain LoRA and a DoRA one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    root = tmp_path_factory.mktemp("gpt2")
+    model.save_pretrained(root / "base")
+    targets = ["c_attn", "c_proj", "c_fc"]
+    plain = make_adapter(root / "plain", model, 21, target_modules=targets, fan_in_fan_out=True)
+    dora = perturbed_adapter(model, root / "dora", 22, r=4, lora_alpha=8, target_modules=targets,
+                             fan_in_fan_out=True, use_dora=True)
+    return model, root / "base", plain, dora
+
+
+@pytest.mark.parametrize("name", ["plain", "dora"])
+def test_four_bit_fold_of_gpt2_conv1d_is_transformers_quantising_the_merged_model(tmp_path, gpt2, name):
+    """transformers quantises a Conv1D weight ``W`` (in, out) as ``W^T``: the 4-bit fold of a full-precision
+    GPT-2 equals, weight for weight, transformers loading PEFT's ``merge_and_unload`` result in 4-bit."""
+    model, base_dir, plain, dora = gpt2
+    adapter = {"plain": plain, "dora": dora}[name]
+    fold(adapter, base_dir, tmp_path / "q4", four_bit=True)
+    PeftModel.from_pretrained(copy.deepcopy(model), str(adapter)).merge_and_unload().save_pretrained(tmp_path / "fp")
+    theirs = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "fp", device_map="cpu", quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, **QUANT))).named_modules())
+    ours = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu").named_modules())
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8
+    for module in conv1d:
+        assert type(ours[module]).__name__ == type(theirs[module]).__name__ == "Linear4bit", module
+        torch.testing.assert_close(dequantized(ours[module]), dequantized(theirs[module]), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        tokens = torch.tensor([[1, 5, 9, 2, 7]])
+        torch.testing.assert_close(ours[""](tokens).logits, theirs[""](tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_into_a_4bit_gpt2_adds_the_transposed_delta(tmp_path, gpt2):
+    """Into a 4-bit GPT-2 (quantised by transformers): each Conv1D weight becomes ``Q(dequant(W^T) + dW^T)``,
+    quantised once; the shape check reads the transposed quant-state shapes."""
+    model, base_dir, plain, _ = gpt2
+    quantized_base = tmp_path / "q4base"
+    AutoModelForCausalLM.from_pretrained(base_dir, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, **QUANT)).save_pretrained(quantized_base)
+    lata_peft.combine([plain], tmp_path / "out", fold_into=quantized_base)
+    base4 = dict(AutoModelForCausalLM.from_pretrained(quantized_base, device_map="cpu").named_modules())
+    ours = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="cpu").named_modules())
+    for key, delta in peft_delta_weights(model, plain).items():  # PEFT's deltas, in Conv1D's (in, out)
+        module = key.removesuffix(".weight")
+        expected = dequantized(base4[module]) + delta.float().T
+        once, state = bnbf.quantize_4bit(expected, blocksize=64, compress_statistics=True, quant_type="nf4")
+        torch.testing.assert_close(dequantized(ours[module]), bnbf.dequantize_4bit(once, state), rtol=0, atol=1e-6)
 
 
 def load_all(folder):
