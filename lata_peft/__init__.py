@@ -1,8 +1,8 @@
 """lata-peft: combine LoRA adapters with Layer-Aware Task Arithmetic, exactly and factored.
 
 >>> import lata_peft
->>> sorted(lata_peft.METHOD_NAMES)
-['dare', 'dare_ties', 'lata', 'magnitude', 'ta', 'ties']
+>>> sorted(lata_peft.METHOD_NAMES)[:6]
+['breadcrumbs', 'breadcrumbs_ties', 'dare', 'dare_ties', 'della', 'della_linear']
 """
 
 import logging

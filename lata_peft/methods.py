@@ -20,6 +20,16 @@ also take ``convention=mergekit``: mergekit 0.1.5's rule (:func:`_mergekit_rule`
 elected on the weighted deltas, its ``normalize`` and ``rescale`` switches as parameters, DARE's mask
 drawn from the same generator), checked against mergekit itself in ``tests/test_mergekit_convention.py``.
 
+mergekit's other sparsifiers, under mergekit's rule only (PEFT has none of them):
+
+* Model Breadcrumbs, Davari & Belilovsky 2024 (arXiv 2312.06795): drop the largest ``gamma`` fraction of each
+  ``tau_t``'s entries by |value| (outliers) and the smallest, keeping ``int(density n)``; then a weighted sum
+  (``breadcrumbs``) or TIES' sign election (``breadcrumbs_ties``).
+* DELLA, Deep et al. 2024 (arXiv 2406.11617), MagPrune: keep each entry with a probability that grows with its
+  magnitude rank in its row, from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest), then
+  TIES' sign election (``della``) or a weighted sum (``della_linear``). As mergekit 0.1.5 does it, survivors are
+  rescaled by the L1-norm ratio (its ``rescale``), not the paper's ``1 / p``.
+
 Subspace methods (:mod:`lata_peft.subspace_methods`, core space only): ``tsv`` (TSV-Merge,
 Gargiulo et al. 2025), ``iso_c`` and ``iso_cts`` (Marczak et al. 2025). A method declares its own
 parameters (:class:`MethodParam`): the CLI's ``--param NAME=VALUE``, the API's and the recipe's
@@ -80,23 +90,63 @@ def elect_and_merge(deltas: torch.Tensor, weights: torch.Tensor, sign_method: st
     return total / agree.sum(0).clamp(min=1)
 
 
-def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.Generator, random: bool,
-                         rescale: bool) -> torch.Tensor:
-    """mergekit 0.1.5's sparsification of each ``tau_t`` (``sparsify.py``). ``random=False``: ``magnitude``,
-    keep the ``max(1, int(density n))`` largest |entries|; ``True``: ``bernoulli``, keep each entry with
-    probability ``density`` (the mask drawn in float32, as mergekit does on the CPU, from ``generator`` where
-    mergekit uses torch's global one). ``rescale`` (``rescaled_masked_tensor``, ``RescaleNorm.l1``): the kept
-    entries times ``|tau_t|_1 / |kept_t|_1``, left as they are when either norm is below 1e-7. Not
-    ``1 / density``: that is PEFT's DARE."""
+def _magnitude_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+                    epsilon: float) -> torch.Tensor:
+    """mergekit's ``magnitude``: the ``max(1, int(density n))`` largest |entries| of each row of ``flat``."""
+    mask = torch.zeros_like(flat)
+    return mask.scatter_(1, flat.abs().topk(max(1, int(density * flat.shape[1])), dim=1).indices, 1.0)
+
+
+def _bernoulli_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+                    epsilon: float) -> torch.Tensor:
+    """mergekit's ``bernoulli``: each entry kept with probability ``density``, drawn in float32 (as mergekit does
+    on the CPU) from ``generator`` (where mergekit uses torch's global one), one draw per task vector."""
+    return torch.stack([torch.bernoulli(torch.full(flat.shape[1:], density, dtype=torch.float32),
+                                        generator=generator) for _ in flat]).to(flat)
+
+
+def _outlier_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+                  epsilon: float) -> torch.Tensor:
+    """mergekit's ``magnitude_outliers`` (Breadcrumbs): sorted by |value|, the ``int(gamma n)`` largest entries go,
+    then the smallest, leaving ``int(density n)`` (fewer outliers go where that many cannot be left)."""
+    n = flat.shape[1]
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(flat.abs().float(), dim=1).indices[:, bottom:bottom + keep]
+    return torch.zeros_like(flat).scatter_(1, order, 1.0)
+
+
+def _della_mask(deltas: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+                epsilon: float) -> torch.Tensor:
+    """mergekit's ``della_magprune`` (DELLA's MagPrune): per row of each task vector (a vector is one row), ranks
+    ``r`` of |value| (1 = smallest) normalised to ``[0, 1]``, keep probability ``density - epsilon + 2 epsilon
+    r_norm``, drawn in float32 from ``generator``, one draw per task vector."""
+    masks = []
+    for tau in deltas:
+        rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
+        ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+        low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        normalised = ((ranks - low) / (high - low).clamp(min=1)).clamp(0, 1)
+        masks.append(torch.bernoulli(density - epsilon + normalised * 2 * epsilon, generator=generator).reshape(-1))
+    return torch.stack(masks).to(deltas.dtype)
+
+
+_SPARSIFIERS = {"magnitude": _magnitude_mask, "random": _bernoulli_mask, "magnitude_outliers": _outlier_mask}
+
+
+def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.Generator, sparsifier: str,
+                         rescale: bool, gamma: float = 0.01, epsilon: float = 0.15) -> torch.Tensor:
+    """mergekit 0.1.5's sparsification of each ``tau_t`` (``sparsify.py``) by ``sparsifier``: ``magnitude``,
+    ``random`` (its ``bernoulli``), ``magnitude_outliers`` or ``della_magprune`` (see the mask functions).
+    ``rescale`` (``rescaled_masked_tensor``, ``RescaleNorm.l1``): the kept entries times ``|tau_t|_1 /
+    |kept_t|_1``, left as they are when either norm is below 1e-7. Not ``1 / density``: that is PEFT's DARE."""
     if density >= 1.0:
         return deltas
     flat = deltas.reshape(deltas.shape[0], -1)  # (k, out*in)
-    if random:
-        mask = torch.stack([torch.bernoulli(torch.full(flat.shape[1:], density, dtype=torch.float32),
-                                            generator=generator) for _ in flat]).to(flat)
+    if sparsifier == "della_magprune":
+        mask = _della_mask(deltas, density, generator, gamma, epsilon)
     else:
-        mask = torch.zeros_like(flat)
-        mask.scatter_(1, flat.abs().topk(max(1, int(density * flat.shape[1])), dim=1).indices, 1.0)
+        mask = _SPARSIFIERS[sparsifier](flat, density, generator, gamma, epsilon)
     kept = flat * mask
     if rescale:
         before, after = flat.abs().sum(1, keepdim=True), kept.abs().sum(1, keepdim=True)  # (k, 1)
@@ -104,8 +154,8 @@ def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.
     return kept.reshape(deltas.shape)
 
 
-def _mergekit_rule(deltas, weights, density, generator, sign_method, *, random: bool, consensus: bool,
-                   normalize: bool, rescale: bool):
+def _mergekit_rule(deltas, weights, density, generator, sign_method, *, sparsifier: str, consensus: bool,
+                   normalize: bool, rescale: bool, gamma: float = 0.01, epsilon: float = 0.15):
     """A method as mergekit 0.1.5 computes it (``merge_methods/generalized_task_arithmetic.py``,
     ``GeneralizedTaskArithmeticMerge.merge_group`` and ``get_mask``). ``X_t = w_t sparsified_t`` with the
     *signed* weights (:func:`_mergekit_sparsified`). With ``consensus`` (TIES, DARE-TIES): majority sign of
@@ -113,7 +163,7 @@ def _mergekit_rule(deltas, weights, density, generator, sign_method, *, random: 
     ``mask_t = [sign X_t == majority]``, merged ``sum_t X_t mask_t``, divisor ``sum_t w_t mask_t`` (0 -> 1).
     Without (DARE, mergekit's ``dare_linear``): merged ``sum_t X_t``, divisor ``sum_t w_t`` (|.| < 1e-8 -> 1).
     ``normalize``: the result is merged / divisor, else merged."""
-    X = _weighted(_mergekit_sparsified(deltas, density, generator, random, rescale), weights)
+    X = _weighted(_mergekit_sparsified(deltas, density, generator, sparsifier, rescale, gamma, epsilon), weights)
     if consensus:
         signs = X.sign()
         votes = X.sum(0) if sign_method == "total" else signs.sum(0)
@@ -126,7 +176,7 @@ def _mergekit_rule(deltas, weights, density, generator, sign_method, *, random: 
     return merged / divisor if normalize else merged
 
 
-def _by_convention(name: str, peft_rule: DenseMerge, *, random: bool, consensus: bool, default_normalize: bool,
+def _by_convention(name: str, peft_rule: DenseMerge, *, sparsifier: str, consensus: bool, default_normalize: bool,
                    default_rescale: bool) -> Callable[..., DenseMerge]:
     """``make`` of a method with both conventions. ``default_normalize``, ``default_rescale``: mergekit's
     defaults for the method (``mergekit/merge_methods/registry.py``)."""
@@ -140,9 +190,21 @@ def _by_convention(name: str, peft_rule: DenseMerge, *, random: bool, consensus:
                                 "mergekit (PEFT's rule has neither: its TIES always divides by the agreeing count, "
                                 "its DARE always divides the kept entries by density)")
             return peft_rule
-        rule = functools.partial(_mergekit_rule, random=random, consensus=consensus,
+        return _mergekit_make(sparsifier, consensus, default_normalize, default_rescale)(normalize, rescale)
+
+    return make
+
+
+def _mergekit_make(sparsifier: str, consensus: bool, default_normalize: bool, default_rescale: bool
+                   ) -> Callable[..., DenseMerge]:
+    """``make`` of a method under mergekit's rule (:func:`_mergekit_rule`); ``default_normalize``,
+    ``default_rescale``: mergekit's defaults for it (``mergekit/merge_methods/registry.py``)."""
+
+    def make(normalize: str | None = None, rescale: str | None = None, **sparsifier_params: float) -> DenseMerge:
+        rule = functools.partial(_mergekit_rule, sparsifier=sparsifier, consensus=consensus,
                                  normalize=default_normalize if normalize is None else normalize == "true",
-                                 rescale=default_rescale if rescale is None else rescale == "true")
+                                 rescale=default_rescale if rescale is None else rescale == "true",
+                                 **sparsifier_params)
         rule.signed_weights = True  # type: ignore[attr-defined]
         return rule
 
@@ -190,6 +252,8 @@ class Method:
     params: tuple[MethodParam, ...] = ()
     core_only: bool = False
     make: Callable[..., DenseMerge] | None = None
+    constraint: Callable[[Mapping[str, float | str | None]], str | None] | None = None
+    """What is wrong with a set of resolved parameter values, if anything (one line), or ``None``."""
     signed: bool = False
     """The dense rule takes signed weights (``tau_t``, ``c_t``) instead of (``-tau_t``, ``|c_t|``) for ``c_t < 0``."""
 
@@ -200,6 +264,10 @@ class Method:
     def resolved(self, values: Mapping[str, float | str]) -> dict[str, float | str | None]:
         """Every declared parameter: the given value, else its default."""
         return {param.name: values.get(param.name, param.default) for param in self.params}
+
+    def problem(self, values: Mapping[str, float | str]) -> str | None:
+        """What is wrong with these parameter values taken together (``constraint``), or ``None``."""
+        return self.constraint(self.resolved(values)) if self.constraint is not None else None
 
     def scaled_after(self, factor: float) -> Method:
         """This method with its dense result multiplied by ``factor`` (mergekit's ``lambda``, applied after the
@@ -229,34 +297,62 @@ RUN_PARAMS = ("density", "seed", "sign_method")
 """The parameters every element-wise rule takes at run time (``DenseMerge``'s ``density``, generator, ``sign_method``),
 not when it is built; ``--density``, ``--seed`` and ``--sign-method`` set them too."""
 
-_CONVENTION_PARAMS = (
-    MethodParam("convention", "peft", "peft: peft.utils.merge_utils' rule, signs elected on unweighted deltas, "
-                "mean over the agreeing count, DARE rescaled by 1/density; mergekit: mergekit 0.1.5's, signed "
-                "weights, signs elected on weighted deltas, then normalize and rescale", choices=("peft", "mergekit")),
-    MethodParam("normalize", None, "convention=mergekit only: divide by the sum of the agreeing weights (all "
-                "weights for dare); mergekit's default: true for ties, false for dare, dare_ties",
-                choices=("true", "false")),
-    MethodParam("rescale", None, "convention=mergekit only: scale each sparsified task vector back to its L1 norm; "
-                "mergekit's default: false for ties, true for dare, dare_ties", choices=("true", "false")),
-)
-"""The parameters of the methods with a mergekit convention (``ties``, ``dare``, ``dare_ties``)."""
+CONVENTION = MethodParam("convention", "peft", "peft: peft.utils.merge_utils' rule, signs elected on unweighted "
+                         "deltas, mean over the agreeing count, DARE rescaled by 1/density; mergekit: mergekit "
+                         "0.1.5's, signed weights, signs elected on weighted deltas, then normalize and rescale",
+                         choices=("peft", "mergekit"))
+NORMALIZE = MethodParam("normalize", None, "mergekit's switch (ties, dare, dare_ties: with convention=mergekit only): "
+                        "divide by the sum of the agreeing weights (all weights without sign election); default "
+                        "mergekit's: true for ties and della, false for the others", choices=("true", "false"))
+RESCALE = MethodParam("rescale", None, "mergekit's switch (ties, dare, dare_ties: with convention=mergekit only): "
+                      "scale each sparsified task vector back to its L1 norm; default mergekit's: true for dare, "
+                      "dare_ties, della, della_linear, false for ties and breadcrumbs", choices=("true", "false"))
+GAMMA = MethodParam("gamma", 0.01, "Breadcrumbs: fraction of each task vector's largest entries dropped as outliers",
+                    0.0, 1.0)
+EPSILON = MethodParam("epsilon", 0.15, "DELLA: keep probabilities run from density - epsilon (smallest entries) to "
+                      "density + epsilon (largest), both strictly between 0 and 1", 0.0, 0.5)
+
+
+def _epsilon_fits(values: Mapping[str, float | str | None]) -> str | None:
+    """DELLA's probabilities ``density -/+ epsilon`` must lie in (0, 1) (mergekit refuses them otherwise)."""
+    density, epsilon = float(values["density"] or DENSITY.default), float(values["epsilon"] or 0.0)
+    if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
+        return (f"epsilon={epsilon:g} with density={density:g}: keep probabilities density -/+ epsilon must lie "
+                "strictly between 0 and 1")
+    return None
+
 
 METHODS: dict[str, Method] = {
     "ta": Method("ta", None, "task arithmetic: exact factored weighted sum"),
     "magnitude": Method("magnitude", _magnitude, "magnitude pruning of each task vector, then weighted sum",
                         (DENSITY,)),
-    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean", (DENSITY, SIGN_METHOD, *_CONVENTION_PARAMS),
-                   make=_by_convention("ties", _ties, random=False, consensus=True, default_normalize=True,
+    "ties": Method("ties", _ties, "TIES: trim, elect sign, disjoint mean",
+                   (DENSITY, SIGN_METHOD, CONVENTION, NORMALIZE, RESCALE),
+                   make=_by_convention("ties", _ties, sparsifier="magnitude", consensus=True, default_normalize=True,
                                        default_rescale=False)),
     "dare": Method("dare", _dare, "DARE: random drop and rescale, then weighted sum",
-                   (DENSITY, SEED, *_CONVENTION_PARAMS),
-                   make=_by_convention("dare", _dare, random=True, consensus=False, default_normalize=False,
+                   (DENSITY, SEED, CONVENTION, NORMALIZE, RESCALE),
+                   make=_by_convention("dare", _dare, sparsifier="random", consensus=False, default_normalize=False,
                                        default_rescale=True)),
     "dare_ties": Method("dare_ties", _dare_ties, "DARE drop and rescale, then TIES sign election",
-                        (DENSITY, SEED, SIGN_METHOD, *_CONVENTION_PARAMS),
-                        make=_by_convention("dare_ties", _dare_ties, random=True, consensus=True,
+                        (DENSITY, SEED, SIGN_METHOD, CONVENTION, NORMALIZE, RESCALE),
+                        make=_by_convention("dare_ties", _dare_ties, sparsifier="random", consensus=True,
                                             default_normalize=False, default_rescale=True)),
+    "breadcrumbs": Method("breadcrumbs", None, "Model Breadcrumbs: drop outliers and small entries, then weighted sum "
+                          "(mergekit's rule)", (DENSITY, GAMMA, NORMALIZE, RESCALE),
+                          make=_mergekit_make("magnitude_outliers", False, False, False)),
+    "breadcrumbs_ties": Method("breadcrumbs_ties", None, "Model Breadcrumbs, then TIES sign election (mergekit's rule)",
+                               (DENSITY, GAMMA, SIGN_METHOD, NORMALIZE, RESCALE),
+                               make=_mergekit_make("magnitude_outliers", True, False, False)),
+    "della": Method("della", None, "DELLA: magnitude-ranked random drop, then TIES sign election (mergekit's rule)",
+                    (DENSITY, EPSILON, SEED, SIGN_METHOD, NORMALIZE, RESCALE),
+                    make=_mergekit_make("della_magprune", True, True, True), constraint=_epsilon_fits),
+    "della_linear": Method("della_linear", None, "DELLA's magnitude-ranked random drop, then weighted sum "
+                           "(mergekit's rule)", (DENSITY, EPSILON, SEED, NORMALIZE, RESCALE),
+                           make=_mergekit_make("della_magprune", False, False, True), constraint=_epsilon_fits),
 }
+for _name in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
+    METHODS[_name] = METHODS[_name].bind({})  # a dense rule at mergekit's defaults, as the subspace methods
 
 
 SIGN_METHODS = SIGN_METHOD.choices

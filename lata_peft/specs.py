@@ -193,6 +193,9 @@ class CombineSpec(ScoringSpec):
         if density is not None and not 0.0 < float(density) <= 1.0:
             raise LataError(f"--param density={density}: expected 0 < density <= 1")
         self.merge_method  # noqa: B018  (validates --param)
+        problem = self.registry_method.problem(self.method_parameters)
+        if problem is not None:
+            raise LataError(f"--method {self.method}: {problem}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LataError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if self.uses_lata and not self.has_instruction:

@@ -32,14 +32,20 @@ def _count_variant(name: str):
 
 MERGEKIT = {("ties", "total"): registry.get("ties"), ("ties", "frequency"): _count_variant("ties"),
             ("dare_ties", "total"): registry.get("dare_ties"), ("dare_ties", "frequency"): _count_variant("dare_ties"),
-            ("dare", "total"): registry.get("dare_linear"), ("dare", "frequency"): registry.get("dare_linear")}
+            ("dare", "total"): registry.get("dare_linear"), ("dare", "frequency"): registry.get("dare_linear"),
+            ("breadcrumbs", "total"): registry.get("breadcrumbs"),
+            ("breadcrumbs_ties", "total"): registry.get("breadcrumbs_ties"),
+            ("breadcrumbs_ties", "frequency"): _count_variant("breadcrumbs_ties"),
+            ("della", "total"): registry.get("della"), ("della", "frequency"): _count_variant("della"),
+            ("della_linear", "total"): registry.get("della_linear")}
 
 
 def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str,
-                   generator: torch.Generator | None = None, lam: float = 1.0, **switches: bool) -> torch.Tensor:
+                   generator: torch.Generator | None = None, lam: float = 1.0, per_model: dict | None = None,
+                   **switches: bool) -> torch.Tensor:
     """mergekit's own ``name`` on task vectors ``taus`` (a zero base, so each model is its task vector), its
     ``normalize`` / ``rescale`` at mergekit's defaults unless given; torch's global generator starts from
-    ``generator``'s state."""
+    ``generator``'s state; ``per_model``: further per-model parameters (``gamma``, ``epsilon``), the same for all."""
     method = MERGEKIT[name, sign_method]
     settings = {param.name: param.default for param in method.spec.parameters if param.name in ("normalize", "rescale")}
     group = TensorGroup.from_tensors([torch.zeros_like(taus[0]), *taus], base_index=0)
@@ -47,9 +53,10 @@ def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], de
     with torch.random.fork_rng():
         if generator is not None:
             torch.set_rng_state(generator.get_state())
+        per_model = {key: dict.fromkeys(ids, value) for key, value in (per_model or {}).items()}
         return method.merge_group(group, density=dict.fromkeys(ids, density),
                                   weight=dict(zip(ids, weights, strict=True)), int8_mask=False,
-                                  **{**settings, **switches, "lambda": lam})
+                                  **{**settings, **switches, **per_model, "lambda": lam})
 
 
 def mergekit_ties(taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str) -> torch.Tensor:
@@ -148,5 +155,91 @@ def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, 
         module = key.removesuffix(".weight")  # DARE's mask: the generator of this module and seed
         expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module),
                                   lam)
+        got = (merged[key] - original[key]).detach().double()
+        assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
+
+
+# ----------------------------------------------------------------- Breadcrumbs and DELLA (mergekit's rule only)
+
+SPARSIFIER_DEFAULTS = {"breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma": 0.01},
+                       "della": {"epsilon": 0.15}, "della_linear": {"epsilon": 0.15}}
+
+
+@pytest.mark.parametrize(("name", "sign_method"), [("breadcrumbs", "total"), ("breadcrumbs_ties", "total"),
+                                                   ("breadcrumbs_ties", "frequency"), ("della", "total"),
+                                                   ("della", "frequency"), ("della_linear", "total")])
+@pytest.mark.parametrize("weights", [[1.0, 3.0, 0.5], [1.0, -0.7, 0.5]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_breadcrumbs_and_della_are_mergekits(name: str, sign_method: str, weights: list[float],
+                                             dtype: torch.dtype) -> None:
+    """At mergekit's defaults (gamma 0.01, epsilon 0.15, its normalize / rescale for each method), and with other
+    values: the outliers Breadcrumbs drops and the ranks DELLA draws by are the same entries."""
+    taus = task_vectors(dtype)
+    expected = mergekit_merge(name, taus, weights, 0.4, sign_method, module_generator(7, "m"),
+                              per_model=SPARSIFIER_DEFAULTS[name])
+    assert_close(ours(name, taus, weights, 0.4, sign_method, module_generator(7, "m"), ()), expected)
+    other = {"gamma": 0.2} if "gamma" in SPARSIFIER_DEFAULTS[name] else {"epsilon": 0.3}
+    expected_other = mergekit_merge(name, taus, weights, 0.4, sign_method, module_generator(7, "m"), per_model=other)
+    (key, value), = other.items()
+    assert_close(ours(name, taus, weights, 0.4, sign_method, module_generator(7, "m"), (f"{key}={value}",)),
+                 expected_other)
+    assert float((expected_other - expected).norm()) > 1e-3 * float(expected.norm())  # the parameter matters
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "della"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_breadcrumbs_and_della_switches_are_mergekits(name: str, normalize: bool, rescale: bool) -> None:
+    taus, weights = task_vectors(), [1.0, -0.7, 0.5]
+    switches = (f"normalize={str(normalize).lower()}", f"rescale={str(rescale).lower()}")
+    got = ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), switches)
+    expected = mergekit_merge(name, taus, weights, 0.4, "total", module_generator(1, "m"),
+                              per_model=SPARSIFIER_DEFAULTS[name], normalize=normalize, rescale=rescale)
+    assert_close(got, expected)
+
+
+def test_breadcrumbs_drops_the_largest_and_smallest_entries() -> None:
+    """Breadcrumbs' mask written out from the paper's rule on one vector: of 100 entries |x| = 1..100, gamma 0.1
+    and density 0.5 keep |x| = 41..90 (the 10 largest and the 40 smallest go)."""
+    tau = torch.randperm(100, generator=torch.Generator().manual_seed(0)).double() + 1
+    tau = tau * torch.where(torch.arange(100) % 2 == 0, 1.0, -1.0).double()
+    got = ours("breadcrumbs", [tau.reshape(10, 10)], [1.0], 0.5, "total", torch.Generator(), ("gamma=0.1",))
+    kept = got.reshape(-1).abs()
+    assert sorted(kept[kept > 0].tolist()) == [float(v) for v in range(41, 91)]
+
+
+def test_della_keep_probability_grows_with_magnitude() -> None:
+    """DELLA's MagPrune: over many draws, the smallest entry of a row is kept with probability density - epsilon
+    and the largest with density + epsilon (here 0.3 and 0.7)."""
+    row = torch.arange(1, 65, dtype=torch.float64).reshape(1, 64)
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.stack([ours("della_linear", [row], [1.0], 0.5, "total", generator, ("epsilon=0.2", "rescale=false"))
+                        != 0 for _ in range(4000)]).double().mean(0).reshape(-1)
+    assert float(kept[0]) == pytest.approx(0.3, abs=0.03) and float(kept[-1]) == pytest.approx(0.7, abs=0.03)
+    assert float(kept[:16].mean()) < float(kept[-16:].mean())
+
+
+@pytest.mark.parametrize("epsilon", ["0.5", "0.45"])
+def test_della_refuses_probabilities_outside_zero_one(tmp_path, adapters, epsilon: str) -> None:
+    with pytest.raises(LataError, match="strictly between 0 and 1"):
+        lata_peft.combine([adapters["plain"], adapters["rank8"]], tmp_path / "out", method="della", density=0.6,
+                          params=[f"epsilon={epsilon}"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
+def test_breadcrumbs_and_della_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters,
+                                                                            method: str) -> None:
+    names, weights = ("plain", "rank8", "patterns"), [1.0, -3.0, 0.5]
+    lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method=method, space="full", weights=weights,
+                      density=0.5, rank=64, seed=5)
+    merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
+                  .named_parameters())
+    original = dict(base.named_parameters())
+    deltas = [peft_delta_weights(base, adapters[n]) for n in names]
+    for key in deltas[0]:
+        module = key.removesuffix(".weight")
+        expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module),
+                                  per_model=SPARSIFIER_DEFAULTS[method])
         got = (merged[key] - original[key]).detach().double()
         assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
