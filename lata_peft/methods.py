@@ -90,25 +90,31 @@ def elect_and_merge(deltas: torch.Tensor, weights: torch.Tensor, sign_method: st
     return total / agree.sum(0).clamp(min=1)
 
 
-def _magnitude_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+def _magnitude_mask(rows: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
                     epsilon: float) -> torch.Tensor:
-    """mergekit's ``magnitude``: the ``max(1, int(density n))`` largest |entries| of each row of ``flat``."""
+    """mergekit's ``magnitude``: the ``max(1, int(density n))`` largest |entries| of each task vector.
+
+    Each mask function takes the k task vectors as ``rows`` (k, rows, row length) (a vector is one row) and
+    returns the (k, n) 0/1 mask."""
+    flat = rows.flatten(1)
     mask = torch.zeros_like(flat)
     return mask.scatter_(1, flat.abs().topk(max(1, int(density * flat.shape[1])), dim=1).indices, 1.0)
 
 
-def _bernoulli_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+def _bernoulli_mask(rows: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
                     epsilon: float) -> torch.Tensor:
     """mergekit's ``bernoulli``: each entry kept with probability ``density``, drawn in float32 (as mergekit does
     on the CPU) from ``generator`` (where mergekit uses torch's global one), one draw per task vector."""
+    flat = rows.flatten(1)
     return torch.stack([torch.bernoulli(torch.full(flat.shape[1:], density, dtype=torch.float32),
                                         generator=generator) for _ in flat]).to(flat)
 
 
-def _outlier_mask(flat: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+def _outlier_mask(rows: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
                   epsilon: float) -> torch.Tensor:
     """mergekit's ``magnitude_outliers`` (Breadcrumbs): sorted by |value|, the ``int(gamma n)`` largest entries go,
     then the smallest, leaving ``int(density n)`` (fewer outliers go where that many cannot be left)."""
+    flat = rows.flatten(1)
     n = flat.shape[1]
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
@@ -116,22 +122,22 @@ def _outlier_mask(flat: torch.Tensor, density: float, generator: torch.Generator
     return torch.zeros_like(flat).scatter_(1, order, 1.0)
 
 
-def _della_mask(deltas: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
+def _della_mask(rows: torch.Tensor, density: float, generator: torch.Generator, gamma: float,
                 epsilon: float) -> torch.Tensor:
-    """mergekit's ``della_magprune`` (DELLA's MagPrune): per row of each task vector (a vector is one row), ranks
-    ``r`` of |value| (1 = smallest) normalised to ``[0, 1]``, keep probability ``density - epsilon + 2 epsilon
-    r_norm``, drawn in float32 from ``generator``, one draw per task vector."""
+    """mergekit's ``della_magprune`` (DELLA's MagPrune): in each row of each task vector, ranks ``r`` of |value|
+    (1 = smallest) normalised to ``[0, 1]``, keep probability ``density - epsilon + 2 epsilon r_norm``, drawn in
+    float32 from ``generator``, one draw per task vector."""
     masks = []
-    for tau in deltas:
-        rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
-        ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+    for tau in rows:
+        ranks = tau.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
         low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         normalised = ((ranks - low) / (high - low).clamp(min=1)).clamp(0, 1)
         masks.append(torch.bernoulli(density - epsilon + normalised * 2 * epsilon, generator=generator).reshape(-1))
-    return torch.stack(masks).to(deltas.dtype)
+    return torch.stack(masks).to(rows.dtype)
 
 
-_SPARSIFIERS = {"magnitude": _magnitude_mask, "random": _bernoulli_mask, "magnitude_outliers": _outlier_mask}
+_SPARSIFIERS = {"magnitude": _magnitude_mask, "random": _bernoulli_mask, "magnitude_outliers": _outlier_mask,
+                "della_magprune": _della_mask}
 
 
 def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.Generator, sparsifier: str,
@@ -143,10 +149,8 @@ def _mergekit_sparsified(deltas: torch.Tensor, density: float, generator: torch.
     if density >= 1.0:
         return deltas
     flat = deltas.reshape(deltas.shape[0], -1)  # (k, out*in)
-    if sparsifier == "della_magprune":
-        mask = _della_mask(deltas, density, generator, gamma, epsilon)
-    else:
-        mask = _SPARSIFIERS[sparsifier](flat, density, generator, gamma, epsilon)
+    rows = flat.reshape(flat.shape[0], -1, deltas.shape[-1] if deltas.ndim > 1 else 1)  # a vector is one row
+    mask = _SPARSIFIERS[sparsifier](rows, density, generator, gamma, epsilon)
     kept = flat * mask
     if rescale:
         before, after = flat.abs().sum(1, keepdim=True), kept.abs().sum(1, keepdim=True)  # (k, 1)
