@@ -194,12 +194,13 @@ def _by_convention(name: str, peft_rule: DenseMerge, *, sparsifier: str, consens
                                 "mergekit (PEFT's rule has neither: its TIES always divides by the agreeing count, "
                                 "its DARE always divides the kept entries by density)")
             return peft_rule
-        return _mergekit_make(sparsifier, consensus, default_normalize, default_rescale)(normalize, rescale)
+        return _mergekit_make(sparsifier, consensus=consensus, default_normalize=default_normalize,
+                              default_rescale=default_rescale)(normalize, rescale)
 
     return make
 
 
-def _mergekit_make(sparsifier: str, consensus: bool, default_normalize: bool, default_rescale: bool
+def _mergekit_make(sparsifier: str, *, consensus: bool, default_normalize: bool, default_rescale: bool
                    ) -> Callable[..., DenseMerge]:
     """``make`` of a method under mergekit's rule (:func:`_mergekit_rule`); ``default_normalize``,
     ``default_rescale``: mergekit's defaults for it (``mergekit/merge_methods/registry.py``)."""
@@ -342,21 +343,24 @@ METHODS: dict[str, Method] = {
                         (DENSITY, SEED, SIGN_METHOD, CONVENTION, NORMALIZE, RESCALE),
                         make=_by_convention("dare_ties", _dare_ties, sparsifier="random", consensus=True,
                                             default_normalize=False, default_rescale=True)),
+    # mergekit's rule only; bound at mergekit's defaults so the entry has its dense rule, as the subspace methods
     "breadcrumbs": Method("breadcrumbs", None, "Model Breadcrumbs: drop outliers and small entries, then weighted sum "
                           "(mergekit's rule)", (DENSITY, GAMMA, NORMALIZE, RESCALE),
-                          make=_mergekit_make("magnitude_outliers", False, False, False)),
+                          make=_mergekit_make("magnitude_outliers", consensus=False, default_normalize=False,
+                                              default_rescale=False)).bind({}),
     "breadcrumbs_ties": Method("breadcrumbs_ties", None, "Model Breadcrumbs, then TIES sign election (mergekit's rule)",
                                (DENSITY, GAMMA, SIGN_METHOD, NORMALIZE, RESCALE),
-                               make=_mergekit_make("magnitude_outliers", True, False, False)),
+                               make=_mergekit_make("magnitude_outliers", consensus=True, default_normalize=False,
+                                                   default_rescale=False)).bind({}),
     "della": Method("della", None, "DELLA: magnitude-ranked random drop, then TIES sign election (mergekit's rule)",
                     (DENSITY, EPSILON, SEED, SIGN_METHOD, NORMALIZE, RESCALE),
-                    make=_mergekit_make("della_magprune", True, True, True), constraint=_epsilon_fits),
+                    make=_mergekit_make("della_magprune", consensus=True, default_normalize=True, default_rescale=True),
+                    constraint=_epsilon_fits).bind({}),
     "della_linear": Method("della_linear", None, "DELLA's magnitude-ranked random drop, then weighted sum "
                            "(mergekit's rule)", (DENSITY, EPSILON, SEED, NORMALIZE, RESCALE),
-                           make=_mergekit_make("della_magprune", False, False, True), constraint=_epsilon_fits),
+                           make=_mergekit_make("della_magprune", consensus=False, default_normalize=False,
+                                               default_rescale=True), constraint=_epsilon_fits).bind({}),
 }
-for _name in ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear"):
-    METHODS[_name] = METHODS[_name].bind({})  # a dense rule at mergekit's defaults, as the subspace methods
 
 
 SIGN_METHODS = SIGN_METHOD.choices

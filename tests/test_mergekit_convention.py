@@ -40,12 +40,22 @@ MERGEKIT = {("ties", "total"): registry.get("ties"), ("ties", "frequency"): _cou
             ("della_linear", "total"): registry.get("della_linear")}
 
 
+RULE_PARAMS = {"ties": ("convention=mergekit",), "dare": ("convention=mergekit",),
+               "dare_ties": ("convention=mergekit",), "breadcrumbs": (), "breadcrumbs_ties": (), "della": (),
+               "della_linear": ()}
+"""What puts each method under mergekit's rule (Breadcrumbs and DELLA have no other)."""
+SPARSIFIER_DEFAULTS = {"breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma": 0.01},
+                       "della": {"epsilon": 0.15}, "della_linear": {"epsilon": 0.15}}
+"""mergekit's per-model defaults of the sparsifier parameters (its merge_group needs them given)."""
+
+
 def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], density: float, sign_method: str,
                    generator: torch.Generator | None = None, lam: float = 1.0, per_model: dict | None = None,
                    **switches: bool) -> torch.Tensor:
     """mergekit's own ``name`` on task vectors ``taus`` (a zero base, so each model is its task vector), its
     ``normalize`` / ``rescale`` at mergekit's defaults unless given; torch's global generator starts from
-    ``generator``'s state; ``per_model``: further per-model parameters (``gamma``, ``epsilon``), the same for all."""
+    ``generator``'s state; ``per_model``: the sparsifier's per-model parameters (``gamma``, ``epsilon``), the same
+    for all (default: mergekit's)."""
     method = MERGEKIT[name, sign_method]
     settings = {param.name: param.default for param in method.spec.parameters if param.name in ("normalize", "rescale")}
     group = TensorGroup.from_tensors([torch.zeros_like(taus[0]), *taus], base_index=0)
@@ -53,7 +63,8 @@ def mergekit_merge(name: str, taus: list[torch.Tensor], weights: list[float], de
     with torch.random.fork_rng():
         if generator is not None:
             torch.set_rng_state(generator.get_state())
-        per_model = {key: dict.fromkeys(ids, value) for key, value in (per_model or {}).items()}
+        per_model = {key: dict.fromkeys(ids, value)
+                     for key, value in (SPARSIFIER_DEFAULTS.get(name, {}) if per_model is None else per_model).items()}
         return method.merge_group(group, density=dict.fromkeys(ids, density),
                                   weight=dict(zip(ids, weights, strict=True)), int8_mask=False,
                                   **{**settings, **switches, **per_model, "lambda": lam})
@@ -112,13 +123,13 @@ def test_mergekit_dare_is_mergekit(name: str, sign_method: str, weights: list[fl
     assert float((peft_convention - expected).norm()) > 0.01 * float(expected.norm())
 
 
-@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("name", ["ties", "dare", "dare_ties", "breadcrumbs", "della"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_normalize_and_rescale_switch_as_in_mergekit(name: str, normalize: bool, rescale: bool) -> None:
     taus, weights = task_vectors(), [1.0, -0.7, 0.5]
     switches = (f"normalize={str(normalize).lower()}", f"rescale={str(rescale).lower()}")
-    got = ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), ("convention=mergekit", *switches))
+    got = ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), (*RULE_PARAMS[name], *switches))
     expected = mergekit_merge(name, taus, weights, 0.4, "total", module_generator(1, "m"), normalize=normalize,
                               rescale=rescale)
     assert_close(got, expected)
@@ -127,7 +138,7 @@ def test_normalize_and_rescale_switch_as_in_mergekit(name: str, normalize: bool,
     if (normalize, rescale) != (settings["normalize"], settings["rescale"]):  # the switches do change the merge
         assert float((got - default).norm()) > 1e-3 * float(default.norm())
     else:  # and their defaults are mergekit's
-        assert_close(ours(name, taus, weights, 0.4, "total", module_generator(1, "m")), default)
+        assert_close(ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), RULE_PARAMS[name]), default)
 
 
 @pytest.mark.parametrize("name", ["ties", "dare", "dare_ties"])
@@ -140,13 +151,14 @@ def test_switches_are_refused_under_the_peft_convention(name: str, switch: str) 
         parse_params(method, ["normalize=yes"])
 
 
-@pytest.mark.parametrize("lam", [1.0, 0.6])
-@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize(("method", "lam"), [("ties", 1.0), ("ties", 0.6), ("dare", 1.0), ("dare", 0.6),
+                                            ("dare_ties", 1.0), ("dare_ties", 0.6), ("breadcrumbs_ties", 1.0),
+                                            ("della", 1.0)])
 def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, method: str, lam: float) -> None:
     """With ``--lambda``: mergekit scales after its merge and ``normalize`` (TIES' default), and so do we."""
     names, weights = ("plain", "rank8", "patterns"), [1.0, -3.0, 0.5]
     lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method=method, space="full", weights=weights,
-                      density=0.5, rank=64, seed=5, params=["convention=mergekit"], lam=lam)
+                      density=0.5, rank=64, seed=5, params=list(RULE_PARAMS[method]), lam=lam)
     merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
                   .named_parameters())
     original = dict(base.named_parameters())
@@ -160,10 +172,6 @@ def test_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters, 
 
 
 # ----------------------------------------------------------------- Breadcrumbs and DELLA (mergekit's rule only)
-
-SPARSIFIER_DEFAULTS = {"breadcrumbs": {"gamma": 0.01}, "breadcrumbs_ties": {"gamma": 0.01},
-                       "della": {"epsilon": 0.15}, "della_linear": {"epsilon": 0.15}}
-
 
 @pytest.mark.parametrize(("name", "sign_method"), [("breadcrumbs", "total"), ("breadcrumbs_ties", "total"),
                                                    ("breadcrumbs_ties", "frequency"), ("della", "total"),
@@ -184,18 +192,6 @@ def test_breadcrumbs_and_della_are_mergekits(name: str, sign_method: str, weight
     assert_close(ours(name, taus, weights, 0.4, sign_method, module_generator(7, "m"), (f"{key}={value}",)),
                  expected_other)
     assert float((expected_other - expected).norm()) > 1e-3 * float(expected.norm())  # the parameter matters
-
-
-@pytest.mark.parametrize("name", ["breadcrumbs", "della"])
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("rescale", [True, False])
-def test_breadcrumbs_and_della_switches_are_mergekits(name: str, normalize: bool, rescale: bool) -> None:
-    taus, weights = task_vectors(), [1.0, -0.7, 0.5]
-    switches = (f"normalize={str(normalize).lower()}", f"rescale={str(rescale).lower()}")
-    got = ours(name, taus, weights, 0.4, "total", module_generator(1, "m"), switches)
-    expected = mergekit_merge(name, taus, weights, 0.4, "total", module_generator(1, "m"),
-                              per_model=SPARSIFIER_DEFAULTS[name], normalize=normalize, rescale=rescale)
-    assert_close(got, expected)
 
 
 def test_breadcrumbs_drops_the_largest_and_smallest_entries() -> None:
@@ -225,21 +221,3 @@ def test_della_refuses_probabilities_outside_zero_one(tmp_path, adapters, epsilo
         lata_peft.combine([adapters["plain"], adapters["rank8"]], tmp_path / "out", method="della", density=0.6,
                           params=[f"epsilon={epsilon}"])
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
-def test_breadcrumbs_and_della_full_space_output_is_mergekit_on_peft_deltas(tmp_path, base, adapters,
-                                                                            method: str) -> None:
-    names, weights = ("plain", "rank8", "patterns"), [1.0, -3.0, 0.5]
-    lata_peft.combine([adapters[n] for n in names], tmp_path / "out", method=method, space="full", weights=weights,
-                      density=0.5, rank=64, seed=5)
-    merged = dict(PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).merge_and_unload()
-                  .named_parameters())
-    original = dict(base.named_parameters())
-    deltas = [peft_delta_weights(base, adapters[n]) for n in names]
-    for key in deltas[0]:
-        module = key.removesuffix(".weight")
-        expected = mergekit_merge(method, [d[key] for d in deltas], weights, 0.5, "total", module_generator(5, module),
-                                  per_model=SPARSIFIER_DEFAULTS[method])
-        got = (merged[key] - original[key]).detach().double()
-        assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()), key
